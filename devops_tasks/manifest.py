@@ -1,0 +1,106 @@
+"""What images are installed: ``<images dir>/manifest.json``, saved atomically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import paths
+from .errors import ManifestError
+from .fsutil import atomic_write_text
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _format_time(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    text = value.isoformat()
+    return text.replace("+00:00", "Z")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass
+class ImageInfo:
+    """One installed image. ``guest_contract`` > 0 means the image follows this tool's guest contract
+    (host key and login key injected at boot), so SSH is strict from the first connection."""
+
+    version: str
+    source: str
+    sha256: str = ""
+    downloaded: datetime = field(default_factory=_now)
+    guest_contract: int = 0
+
+    def to_dict(self) -> dict:
+        data = {"version": self.version}
+        if self.sha256:
+            data["sha256"] = self.sha256
+        data["downloaded"] = _format_time(self.downloaded)
+        data["source"] = self.source
+        if self.guest_contract:
+            data["guest_contract"] = self.guest_contract
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImageInfo":
+        return cls(
+            version=str(data.get("version", "")),
+            source=str(data.get("source", "")),
+            sha256=str(data.get("sha256", "")),
+            downloaded=_parse_time(data["downloaded"]) if data.get("downloaded") else _now(),
+            guest_contract=int(data.get("guest_contract", 0) or 0),
+        )
+
+
+@dataclass
+class Manifest:
+    """``{"images": {name: ImageInfo}}`` bound to its file."""
+
+    path: Path
+    images: dict[str, ImageInfo] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Manifest":
+        """Read the manifest; a missing file is an empty manifest, invalid JSON is an error."""
+        path = Path(path) if path is not None else paths.manifest_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read the image manifest: {exc.strerror}") from exc
+        try:
+            data = json.loads(text)
+            images = {name: ImageInfo.from_dict(info) for name, info in (data.get("images") or {}).items()}
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ManifestError(
+                f"{path}: invalid image manifest ({exc}); fix or delete it and reinstall the image"
+            ) from exc
+        return cls(path, images)
+
+    def get(self, name: str) -> ImageInfo | None:
+        return self.images.get(name)
+
+    def set(self, name: str, info: ImageInfo) -> None:
+        self.images[name] = info
+
+    def remove(self, name: str) -> None:
+        self.images.pop(name, None)
+
+    def to_json(self) -> str:
+        body = {"images": {name: info.to_dict() for name, info in sorted(self.images.items())}}
+        return json.dumps(body, indent=2) + "\n"
+
+    def save(self) -> None:
+        """Replace the whole file atomically: a crash mid-save leaves the old manifest intact."""
+        try:
+            atomic_write_text(self.path, self.to_json())
+        except OSError as exc:
+            raise ManifestError(f"{self.path}: cannot save the image manifest: {exc.strerror or exc}") from exc
