@@ -1,0 +1,193 @@
+"""``~/.core/config.yaml``: typed config with defaults, partial files and strict validation."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from . import paths
+from .errors import ConfigError
+
+VALID_SOURCES = ("auto", "github", "cdn", "registry", "build")
+
+DEFAULTS: dict[str, Any] = {
+    "version": 1,
+    "images": {
+        "source": "auto",
+        "github": {"repo": "host-uk/core-images", "api_url": "https://api.github.com"},
+        "registry": {"image": "ghcr.io/host-uk/core-devops"},
+        "cdn": {"url": ""},
+        "build": {"recipe": "minimal"},
+    },
+    "vm": {
+        "name": "core-dev",
+        "memory": 4096,
+        "cpus": 2,
+        "ssh_port": 2222,
+        "accel": "",
+        "boot_timeout": 120,
+    },
+}
+
+
+@dataclass
+class GitHubConfig:
+    repo: str = DEFAULTS["images"]["github"]["repo"]
+    api_url: str = DEFAULTS["images"]["github"]["api_url"]
+
+
+@dataclass
+class RegistryConfig:
+    image: str = DEFAULTS["images"]["registry"]["image"]
+
+
+@dataclass
+class CDNConfig:
+    url: str = ""
+
+
+@dataclass
+class BuildConfig:
+    recipe: str = "minimal"
+
+
+@dataclass
+class ImagesConfig:
+    source: str = "auto"
+    github: GitHubConfig = field(default_factory=GitHubConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    cdn: CDNConfig = field(default_factory=CDNConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+
+
+@dataclass
+class VMConfig:
+    """Defaults for ``vm.boot`` when a flag is not given (our addition to the original's config)."""
+
+    name: str = "core-dev"
+    memory: int = 4096
+    cpus: int = 2
+    ssh_port: int = 2222
+    accel: str = ""
+    boot_timeout: float = 120
+
+
+@dataclass
+class Config:
+    version: int = 1
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    vm: VMConfig = field(default_factory=VMConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "config") -> "Config":
+        """Build from a (possibly partial) mapping: absent keys keep defaults, unknown keys are ignored
+        (the file is shared with other tools), wrong types are errors naming ``origin`` and the key."""
+        merged = merge(DEFAULTS, _known(data, DEFAULTS))
+        images = merged["images"]
+        vm = merged["vm"]
+        source = str(images["source"]).strip().lower()
+        if source not in VALID_SOURCES:
+            raise ConfigError(
+                f"{origin}: images.source: unknown source {images['source']!r} "
+                f"(valid: {', '.join(VALID_SOURCES)})"
+            )
+        try:
+            return cls(
+                version=int(merged["version"]),
+                images=ImagesConfig(
+                    source=source,
+                    github=GitHubConfig(**{k: str(v) for k, v in images["github"].items()}),
+                    registry=RegistryConfig(image=str(images["registry"]["image"])),
+                    cdn=CDNConfig(url=str(images["cdn"]["url"] or "")),
+                    build=BuildConfig(recipe=str(images["build"]["recipe"])),
+                ),
+                vm=VMConfig(
+                    name=str(vm["name"]),
+                    memory=int(vm["memory"]),
+                    cpus=int(vm["cpus"]),
+                    ssh_port=int(vm["ssh_port"]),
+                    accel=str(vm["accel"] or ""),
+                    boot_timeout=float(vm["boot_timeout"]),
+                ),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{origin}: invalid value: {exc}") from exc
+
+
+def _known(data: Any, shape: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Keep only keys the shape knows; a section that is not a mapping is an error."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, default in shape.items():
+        if key not in data:
+            continue
+        value = data[key]
+        name = f"{where}.{key}" if where else key
+        if isinstance(default, Mapping):
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+            out[key] = _known(value, default, name)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested mappings merge key by key, everything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def default_config() -> Config:
+    return Config()
+
+
+def config_path() -> Path:
+    return paths.config_path()
+
+
+def read_config_file(path: Path | None = None) -> dict[str, Any]:
+    """The raw mapping in the config file ({} when missing); errors name the file and line."""
+    path = Path(path) if path is not None else paths.config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return _known(data, DEFAULTS)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Defaults overlaid with ``~/.core/config.yaml`` (missing file → defaults)."""
+    path = Path(path) if path is not None else paths.config_path()
+    return Config.from_dict(read_config_file(path), origin=str(path))

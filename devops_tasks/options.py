@@ -1,0 +1,79 @@
+"""Option and status types of the public API (the reference's structs, in Python spelling)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+DEFAULT_NAME = "core-dev"
+DEFAULT_MEMORY = 4096
+DEFAULT_CPUS = 2
+DEFAULT_SSH_PORT = 2222
+
+
+@dataclass
+class BootOptions:
+    """``memory`` in MB. ``ssh_port`` None means 2222, or the next free port when that is taken."""
+
+    memory: int = DEFAULT_MEMORY
+    cpus: int = DEFAULT_CPUS
+    name: str = DEFAULT_NAME
+    fresh: bool = False
+    ssh_port: int | None = None
+
+
+def default_boot_options() -> BootOptions:
+    return BootOptions()
+
+
+@dataclass
+class DevStatus:
+    installed: bool = False
+    running: bool = False
+    image_version: str = ""
+    container_id: str = ""
+    memory: int = 0
+    cpus: int = 0
+    ssh_port: int = DEFAULT_SSH_PORT
+    uptime: timedelta = timedelta(0)
+    name: str = DEFAULT_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["uptime"] = int(self.uptime.total_seconds())
+        return data
+
+
+@dataclass
+class ShellOptions:
+    """``command`` is a list of words passed to the guest intact; empty means an interactive shell."""
+
+    console: bool = False
+    command: list[str] = field(default_factory=list)
+    forward_agent: bool = True
+
+
+@dataclass
+class TestOptions:
+    """``command`` (words) beats ``name`` (from ``.core/test.yaml``) beats detection."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str = ""
+    command: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServeOptions:
+    port: int = 8000
+    path: str = ""
+
+
+@dataclass
+class ClaudeOptions:
+    """``auth`` empty means all kinds; ``no_auth`` forwards nothing, the SSH agent included."""
+
+    no_auth: bool = False
+    auth: list[str] = field(default_factory=list)
+    model: str = ""

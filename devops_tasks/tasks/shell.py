@@ -1,0 +1,7 @@
+"""The ``shell`` collection."""
+
+from invoke import Collection
+
+from .common import configure
+
+ns = configure(Collection("shell"))

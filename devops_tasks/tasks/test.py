@@ -1,0 +1,7 @@
+"""The ``test`` collection."""
+
+from invoke import Collection
+
+from .common import configure
+
+ns = configure(Collection("test"))

@@ -1,0 +1,7 @@
+"""The ``vm`` collection."""
+
+from invoke import Collection
+
+from .common import configure
+
+ns = configure(Collection("vm"))
