@@ -47,7 +47,9 @@ def core_config(c) -> Config:
     """The typed config of the running task: every Invoke level merged, then validated."""
     if _LAYER_ERROR is not None:
         raise _LAYER_ERROR
-    data = _plain(c.config.get(CONFIG_KEY, {}))
+    # Merging under the file's layer again keeps its keys when a project's collection config
+    # replaced the whole ``core`` key (Invoke merges collection configs shallowly).
+    data = merge(_LAYER, _plain(c.config.get(CONFIG_KEY, {})))
     return Config.from_dict(data, origin=f"invoke config '{CONFIG_KEY}'")
 
 

@@ -1,0 +1,122 @@
+import pytest
+
+from devops_tasks import Config, config_path, default_config, load_config
+from devops_tasks.errors import ConfigError
+
+
+def write_config(text):
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults():
+    cfg = default_config()
+    assert cfg.version == 1
+    assert cfg.images.source == "auto"
+    assert cfg.images.github.repo == "host-uk/core-images"
+    assert cfg.images.registry.image == "ghcr.io/host-uk/core-devops"
+    assert cfg.images.cdn.url == ""
+
+
+def test_missing_file_gives_defaults():
+    assert not config_path().exists()
+    assert load_config() == default_config()
+
+
+def test_full_file():
+    write_config(
+        "version: 2\n"
+        "images:\n"
+        "  source: cdn\n"
+        "  github: {repo: me/imgs}\n"
+        "  registry: {image: reg.example/me/dev}\n"
+        "  cdn: {url: 'https://cdn.example.com/images'}\n"
+    )
+    cfg = load_config()
+    assert cfg.version == 2
+    assert cfg.images.source == "cdn"
+    assert cfg.images.github.repo == "me/imgs"
+    assert cfg.images.registry.image == "reg.example/me/dev"
+    assert cfg.images.cdn.url == "https://cdn.example.com/images"
+
+
+def test_partial_file_keeps_other_defaults():
+    write_config("images:\n  cdn:\n    url: https://cdn.example.com\n")
+    cfg = load_config()
+    assert cfg.images.cdn.url == "https://cdn.example.com"
+    assert cfg.images.source == "auto"
+    assert cfg.images.github.repo == "host-uk/core-images"
+    assert cfg.version == 1
+
+
+def test_other_tools_keys_are_ignored_and_never_rewritten():
+    text = "build:\n  targets: [a, b]\nimages:\n  source: github\n  extra: 1\n"
+    path = write_config(text)
+    cfg = load_config()
+    assert cfg.images.source == "github"
+    assert not hasattr(cfg, "build")
+    assert path.read_text() == text
+
+
+def test_empty_file_gives_defaults():
+    write_config("")
+    assert load_config() == default_config()
+
+
+def test_invalid_yaml_names_file_and_line():
+    path = write_config("version: 1\nimages:\n  source: [auto\n")
+    with pytest.raises(ConfigError) as err:
+        load_config()
+    message = str(err.value)
+    assert str(path) in message
+    assert "line " in message
+    assert "\n" not in message
+
+
+def test_top_level_not_a_mapping():
+    path = write_config("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config()
+    assert str(path) in str(pytest.raises(ConfigError, load_config).value)
+
+
+def test_section_not_a_mapping_names_key():
+    write_config("images: cdn\n")
+    with pytest.raises(ConfigError, match="images"):
+        load_config()
+
+
+def test_unknown_source_lists_valid_ones():
+    path = write_config("images:\n  source: ftp\n")
+    with pytest.raises(ConfigError) as err:
+        load_config()
+    message = str(err.value)
+    assert "'ftp'" in message and str(path) in message
+    for name in ("auto", "github", "cdn", "registry", "build"):
+        assert name in message
+
+
+@pytest.mark.parametrize("source", ["auto", "github", "cdn", "registry", "build", "GitHub"])
+def test_valid_sources(source):
+    write_config(f"images:\n  source: {source}\n")
+    assert load_config().images.source == source.lower()
+
+
+def test_unreadable_file_is_an_error(tmp_path):
+    path = config_path()
+    path.mkdir(parents=True)  # a directory where the file should be
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config()
+
+
+def test_wrong_type_is_an_error():
+    write_config("vm:\n  memory: lots\n")
+    with pytest.raises(ConfigError, match="invalid value"):
+        load_config()
+
+
+def test_from_dict_round_trip():
+    cfg = load_config()
+    assert Config.from_dict(cfg.to_dict()) == cfg
