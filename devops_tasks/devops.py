@@ -83,6 +83,18 @@ class DevOps:
 
         return lifecycle.status(self)
 
+    def logs(self, follow: bool = False) -> None:
+        """Print the VM's serial console log (``follow``: until Ctrl-C)."""
+        from . import lifecycle
+
+        lifecycle.logs(self, follow=follow)
+
+    def console(self) -> None:
+        """Attach this terminal to the VM's serial console (detach with Ctrl-])."""
+        from . import lifecycle
+
+        lifecycle.console(self)
+
     # -- working in the VM ------------------------------------------------------------------
     def shell(self, opts: Optional[ShellOptions] = None) -> int:
         from . import workspace

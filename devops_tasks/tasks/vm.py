@@ -1,7 +1,73 @@
-"""The ``vm`` collection."""
+"""The ``vm`` collection: boot, stop, status and logs of a named dev VM (thin: flags → library → print)."""
+
+from __future__ import annotations
+
+import json as _json
 
 from invoke import Collection
 
-from .common import configure
+from ..errors import VMError
+from ..options import BootOptions
+from .common import configure, devops, task
 
-ns = configure(Collection("vm"))
+NAME_HELP = "VM name (default: config core.vm.name, 'core-dev'); several VMs can run side by side"
+
+
+def _int(flag: str, value) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise VMError(f"--{flag} must be a whole number, not {value!r}") from None
+    if number <= 0:
+        raise VMError(f"--{flag} must be positive, not {number}")
+    return number
+
+
+@task(help={
+    "memory": "guest memory in MB (default: core.vm.memory, 4096)",
+    "cpus": "number of guest CPUs (default: core.vm.cpus, 2)",
+    "name": NAME_HELP,
+    "fresh": "stop it if running and start from a clean disk (discards changes and the old host key)",
+    "port": "host SSH port on 127.0.0.1 (must be free; default: core.vm.ssh_port 2222 or the next free one)",
+})
+def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None):
+    """Boot the dev VM and wait until it accepts SSH."""
+    d = devops(c, name)
+    opts = BootOptions(
+        memory=_int("memory", memory) or d.config.vm.memory,
+        cpus=_int("cpus", cpus) or d.config.vm.cpus,
+        name=d.name,
+        fresh=bool(fresh),
+        ssh_port=_int("port", port),
+    )
+    d.boot(opts)
+
+
+@task(help={"name": NAME_HELP})
+def stop(c, name=None):
+    """Stop the dev VM (power button, then QMP quit, SIGTERM, SIGKILL)."""
+    devops(c, name).stop()
+
+
+@task(help={"name": NAME_HELP, "json": "print the status as JSON"})
+def status(c, name=None, json=False):
+    """Show whether the dev VM is installed and running, and its resources."""
+    from ..lifecycle import status_lines
+
+    st = devops(c, name).status()
+    if json:
+        print(_json.dumps(st.to_dict(), indent=2, sort_keys=True))
+        return
+    for line in status_lines(st):
+        print(line)
+
+
+@task(help={"name": NAME_HELP, "follow": "keep printing new console output until Ctrl-C"})
+def logs(c, name=None, follow=False):
+    """Print the dev VM's serial console log."""
+    devops(c, name).logs(follow=bool(follow))
+
+
+ns = configure(Collection("vm", boot, stop, status, logs))

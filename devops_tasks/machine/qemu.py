@@ -1,0 +1,203 @@
+"""QEMU's command line as a pure function of a :class:`MachineSpec`, plus binary and accelerator choice.
+
+Kept pure so the exact argument list is unit-tested: the original's command line could not start
+(defect 1), never created the console socket (2), always used the x86 binary (3) and forwarded SSH on
+every interface (4).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import paths
+from ..errors import VMError
+
+FW_CFG_VENDOR = "opt/devops-tasks"
+ACCELS = ("kvm", "hvf", "tcg")
+
+_BINARIES = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+# Which package provides the binary, to name it in the "QEMU missing" error.
+_PACKAGES = {
+    ("linux", "amd64"): "qemu-system-x86 (apt-get install qemu-system-x86 qemu-utils)",
+    ("linux", "arm64"): "qemu-system-arm (apt-get install qemu-system-arm qemu-utils)",
+}
+# UEFI firmware for arm64 guests (x86 uses QEMU's built-in SeaBIOS).
+_AARCH64_FIRMWARE = (
+    "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
+    "/usr/share/AAVMF/AAVMF_CODE.fd",
+    "/opt/homebrew/share/qemu/edk2-aarch64-code.fd",
+    "/usr/local/share/qemu/edk2-aarch64-code.fd",
+)
+
+
+def opt_value(text: str | os.PathLike) -> str:
+    """Escape a value inside a QEMU ``key=value,...`` option: a comma is written ``,,``."""
+    return str(text).replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that decides QEMU's argument list. Paths must be absolute (QEMU chdirs to /)."""
+
+    name: str
+    arch: str  # Go spelling: amd64 | arm64
+    accel: str  # kvm | hvf | tcg
+    memory: int  # MB
+    cpus: int
+    disk: Path  # the VM's qcow2 overlay, never the installed image
+    pidfile: Path
+    qmp_socket: Path
+    serial_socket: Path
+    serial_log: Path
+    ssh_port: int
+    host_key: Path | None = None  # guest contract: the guest's ssh host private key
+    authorized_keys: Path | None = None  # guest contract: the tool's login public key
+    firmware: Path | None = None  # arm64 UEFI code
+    forwards: tuple[tuple[int, int], ...] = field(default=())  # extra (host, guest) TCP forwards
+
+
+def accel_args(accel: str, arch: str) -> list[str]:
+    if accel == "tcg":
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if accel in ("kvm", "hvf"):
+        return ["-accel", accel, "-cpu", "host"]
+    raise VMError(f"unknown accelerator {accel!r} (use one of: {', '.join(ACCELS)})")
+
+
+def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
+    """The full argument list: daemonised, headless, QMP + serial sockets, 127.0.0.1-only forwards."""
+    binary = binary or _BINARIES.get(spec.arch, "qemu-system-x86_64")
+    argv = [binary, "-name", opt_value(spec.name)]
+    if spec.arch == "arm64":
+        argv += ["-machine", "virt"]
+        if spec.firmware:
+            argv += ["-bios", str(spec.firmware)]
+    argv += accel_args(spec.accel, spec.arch)
+    argv += ["-m", str(int(spec.memory)), "-smp", str(int(spec.cpus))]
+    argv += [
+        "-daemonize",
+        "-pidfile", str(spec.pidfile),
+        "-display", "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-qmp", f"unix:{opt_value(spec.qmp_socket)},server=on,wait=off",
+        "-chardev",
+        f"socket,id=s0,path={opt_value(spec.serial_socket)},server=on,wait=off,"
+        f"logfile={opt_value(spec.serial_log)}",
+        "-serial", "chardev:s0",
+        "-drive", f"file={opt_value(spec.disk)},if=virtio,format=qcow2",
+    ]
+    forwards = [(spec.ssh_port, 22), *spec.forwards]
+    hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{int(h)}-:{int(g)}" for h, g in forwards)
+    argv += ["-netdev", f"user,id=n0,{hostfwd}", "-device", "virtio-net-pci,netdev=n0"]
+    argv += ["-device", "virtio-rng-pci"]
+    if spec.host_key:
+        argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/ssh_host_ed25519_key,file={opt_value(spec.host_key)}"]
+    if spec.authorized_keys:
+        argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/authorized_keys,file={opt_value(spec.authorized_keys)}"]
+    return argv
+
+
+def image_arch(image: Path | str) -> str:
+    """The guest architecture from an image name like ``core-devops-linux-arm64.qcow2``."""
+    stem = Path(image).name.split(".")[0]
+    tail = stem.rsplit("-", 1)[-1]
+    return paths.go_arch(tail) if tail in ("amd64", "arm64", "x86_64", "aarch64") else paths.go_arch()
+
+
+def qemu_binary(arch: str, system: str | None = None) -> str:
+    """Absolute path of the QEMU system binary for ``arch``; a clear error naming the package if absent."""
+    name = _BINARIES.get(arch)
+    if name is None:
+        raise VMError(f"unsupported image architecture {arch!r} (supported: amd64, arm64)")
+    found = shutil.which(name)
+    if found:
+        return found
+    os_name = paths.go_os(system)
+    hint = _PACKAGES.get((os_name, arch), "qemu (brew install qemu)" if os_name == "darwin" else "qemu")
+    raise VMError(f"{name} not found: install {hint}")
+
+
+def aarch64_firmware() -> Path | None:
+    for candidate in _AARCH64_FIRMWARE:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _cpu_flags(cpuinfo: str) -> set[str]:
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _kvm_usable(device: str = "/dev/kvm") -> bool:
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def detect_accel(
+    arch: str,
+    override: str = "",
+    system: str | None = None,
+    host_arch: str | None = None,
+    cpuinfo: str | None = None,
+    kvm_usable: bool | None = None,
+) -> str:
+    """``CORE_ACCEL`` / config override, else kvm only when the CPU flags *and* /dev/kvm allow it.
+
+    A nested KVM without vmx/svm starts without error and then hangs the guest, so "try kvm, fall back
+    on a start error" is wrong: the flags decide. hvf on macOS; tcg otherwise or for a foreign arch.
+    """
+    choice = (override or "").strip().lower()
+    if choice:
+        if choice not in ACCELS:
+            raise VMError(f"unknown accelerator {override!r} in CORE_ACCEL/vm.accel (use one of: {', '.join(ACCELS)})")
+        return choice
+    os_name = paths.go_os(system)
+    host = host_arch or paths.go_arch()
+    if host != arch:
+        return "tcg"
+    if os_name == "darwin":
+        return "hvf"
+    if os_name != "linux":
+        return "tcg"
+    flags = _cpu_flags(cpuinfo if cpuinfo is not None else _read_cpuinfo())
+    if arch == "amd64" and not ({"vmx", "svm"} & flags):
+        return "tcg"
+    usable = kvm_usable if kvm_usable is not None else _kvm_usable()
+    return "kvm" if usable else "tcg"
+
+
+def accel_override(config_value: str = "") -> str:
+    """The environment beats the config file: ``CORE_ACCEL=tcg inv vm.boot``."""
+    return os.environ.get("CORE_ACCEL", "") or config_value or ""
+
+
+__all__ = [
+    "MachineSpec",
+    "build_argv",
+    "detect_accel",
+    "accel_override",
+    "qemu_binary",
+    "image_arch",
+    "aarch64_firmware",
+    "opt_value",
+]

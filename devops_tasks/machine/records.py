@@ -1,0 +1,243 @@
+"""One folder per VM under ``~/.core/vms/<name>/``: its record, lock, sockets, log, overlay and host key.
+
+The record says which process *is* the VM (pid plus the kernel's start time plus its command line), so
+a dead, zombie or reused PID never counts as running (defect 6), and a stale record is removed rather
+than left to hide a live VM. Writes are atomic and guarded by a per-VM ``flock`` (defect 15).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .. import paths
+from ..errors import VMError
+from ..fsutil import atomic_write_text, file_lock
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS: keep a margin.
+MAX_SOCKET_PATH = 100
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass
+class VMRecord:
+    """What ``record.json`` holds about one running (or starting) VM."""
+
+    id: str  # 8 lowercase hex characters
+    name: str
+    image: str
+    pid: int
+    process_start: str  # /proc/<pid>/stat field 22 (or `ps` lstart): guards against PID reuse
+    started_at: str  # RFC 3339
+    ssh_port: int
+    memory: int
+    cpus: int
+    ports: dict[str, int] = field(default_factory=dict)
+    status: str = "starting"  # starting | running
+    accel: str = ""
+    binary: str = ""
+    pidfile: str = ""
+    qmp_socket: str = ""
+    serial_socket: str = ""
+    serial_log: str = ""
+    guest_contract: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VMRecord":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def uptime_seconds(self, now: datetime | None = None) -> float:
+        try:
+            started = parse_time(self.started_at)
+        except ValueError:
+            return 0.0
+        return max(0.0, ((now or now_utc()) - started).total_seconds())
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise VMError(
+            f"invalid VM name {name!r}: use letters, digits, '.', '_' or '-' (at most 63, not starting with '.' or '-')"
+        )
+    return name
+
+
+class VMDir:
+    """The paths of one VM. Sockets move to a short folder under the temp dir when the VM folder's
+    path would be too long for a unix socket address."""
+
+    def __init__(self, name: str, root: Path | None = None):
+        self.name = validate_name(name)
+        self.path = Path(root if root is not None else paths.vms_dir()).absolute() / name
+
+    record = property(lambda self: self.path / "record.json")
+    lock_path = property(lambda self: self.path / "lock")
+    pidfile = property(lambda self: self.path / "qemu.pid")
+    disk = property(lambda self: self.path / "overlay.qcow2")
+    base_info = property(lambda self: self.path / "base.json")
+    host_key = property(lambda self: self.path / "ssh_host_ed25519_key")
+    serial_log = property(lambda self: self.path / "serial.log")
+    qemu_stderr = property(lambda self: self.path / "qemu.stderr")
+
+    @property
+    def socket_dir(self) -> Path:
+        if len(str(self.path / "serial.sock")) <= MAX_SOCKET_PATH:
+            return self.path
+        digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:16]
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        return Path(tempfile.gettempdir()) / f"devops-tasks-{uid}" / digest
+
+    qmp_socket = property(lambda self: self.socket_dir / "qmp.sock")
+    serial_socket = property(lambda self: self.socket_dir / "serial.sock")
+
+    def ensure(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock across processes for boot/stop/cleanup of this VM."""
+        with file_lock(self.lock_path):
+            yield
+
+    @contextlib.contextmanager
+    def try_locked(self) -> Iterator[bool]:
+        """Non-blocking lock: yields False when another process (a boot in progress) holds it."""
+        if not self.path.is_dir():
+            yield False
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    yield False
+                    return
+                raise
+            yield True
+        finally:
+            os.close(fd)
+
+    def load(self) -> VMRecord | None:
+        try:
+            return VMRecord.from_dict(json.loads(self.record.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise VMError(f"{self.record}: unreadable VM record ({exc}); run 'inv vm.stop --name {self.name}'") from exc
+
+    def save(self, record: VMRecord) -> None:
+        atomic_write_text(self.record, record.to_json())
+
+    def clear(self) -> None:
+        """Forget the running VM: record, pidfile and sockets (the disk, key and log stay)."""
+        for path in (self.record, self.pidfile, self.qmp_socket, self.serial_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def all_names(root: Path | None = None) -> list[str]:
+    """Names of the VM folders that hold a record (running, starting or stale)."""
+    root = Path(root if root is not None else paths.vms_dir())
+    try:
+        return sorted(p.name for p in root.iterdir() if (p / "record.json").is_file() and NAME_RE.match(p.name))
+    except FileNotFoundError:
+        return []
+
+
+# -- liveness ---------------------------------------------------------------------------------
+
+@dataclass
+class ProcInfo:
+    state: str
+    start: str
+    cmdline: list[str]
+
+
+def _linux_info(pid: int) -> ProcInfo | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = stat[stat.rfind(")") + 2 :].split()
+    cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    return ProcInfo(state=rest[0], start=rest[19], cmdline=cmdline)
+
+
+def _ps_info(pid: int) -> ProcInfo | None:
+    try:
+        out = subprocess.run(
+            ["ps", "-o", "stat=", "-o", "lstart=", "-o", "command=", "-p", str(pid)],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = out.split()
+    if len(words) < 7:
+        return None
+    return ProcInfo(state=words[0][:1], start=" ".join(words[1:6]), cmdline=[" ".join(words[6:])])
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    """State, start time and command line of ``pid`` (None when there is no such process)."""
+    if pid <= 0:
+        return None
+    if sys.platform.startswith("linux"):
+        return _linux_info(pid)
+    return _ps_info(pid)
+
+
+def process_start(pid: int) -> str:
+    info = proc_info(pid)
+    return info.start if info else ""
+
+
+def is_vm_process(pid: int, start: str, marker: str) -> bool:
+    """True only for that very QEMU: alive, not a zombie, same start time, ``marker`` on its command line.
+
+    An exited QEMU stays a zombie until init reaps it (about 1.4 s here), and ``kill(pid, 0)`` still
+    succeeds then; a reused PID has another start time and command line.
+    """
+    info = proc_info(pid)
+    if info is None or info.state[:1] in ("Z", "X", "x"):
+        return False
+    if start and info.start != start:
+        return False
+    if marker and not any(marker in part for part in info.cmdline):
+        return False
+    return True
+
+
+def is_alive(record: VMRecord) -> bool:
+    return is_vm_process(record.pid, record.process_start, record.pidfile)
