@@ -1,7 +1,147 @@
-"""The ``image`` collection."""
+"""The ``image`` collection: install, update, list and prune the dev image."""
+
+from __future__ import annotations
+
+import json
+import time
 
 from invoke import Collection
 
-from .common import configure
+from ..errors import ImageError
+from .common import configure, core_config, task
+
+
+def _manager(c, quiet: bool = False):
+    from ..images import ImageManager
+
+    return ImageManager(core_config(c), quiet=bool(quiet))
+
+
+def go_duration(seconds: float) -> str:
+    """Go's ``time.Duration.Round(time.Second).String()``: ``0s``, ``42s``, ``1m30s``, ``1h2m3s``."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "missing"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _running_vms() -> list[str]:
+    """Names of running VMs (none when the VM part is not installed)."""
+    try:
+        from ..lifecycle import running_vms
+    except ImportError:
+        return []
+    return list(running_vms())
+
+
+@task(
+    help={
+        "source": "Where to download from: auto, github, cdn, registry or build (default: images.source)",
+        "quiet": "Hide the progress bar",
+    }
+)
+def install(c, source=None, quiet=False):
+    """Download and install the dev image (first working source)."""
+    images = _manager(c, quiet)
+    print(f"Image: {images.image_name}")
+    if images.is_installed():
+        print("Dev environment already installed")
+        return
+    print("Downloading dev environment...")
+    start = time.monotonic()
+    images.install(source=source or "")
+    print(f"Installed in {go_duration(time.monotonic() - start)}")
+    print("Start with: inv vm.boot")
+
+
+@task(help={"apply": "Download and install the update when there is one"})
+def update(c, apply=False):
+    """Check for a newer dev image (and install it with --apply)."""
+    from ..images import UpdateCheckError
+
+    images = _manager(c)
+    print("Checking for updates...")
+    try:
+        current, latest, has_update = images.check_update()
+    except UpdateCheckError as exc:
+        print(f"Current: {exc.current}")
+        raise
+    print(f"Current: {current}")
+    print(f"Latest: {latest}")
+    if not has_update:
+        print("Already up to date")
+        return
+    print("Update available")
+    if not apply:
+        print("Install it with: inv image.update --apply")
+        return
+    running = _running_vms()
+    if running:
+        raise ImageError(
+            f"cannot replace the image while VM {', '.join(running)} "
+            f"{'is' if len(running) == 1 else 'are'} running on it: stop it first "
+            "(inv vm.stop), then run inv image.update --apply"
+        )
+    start = time.monotonic()
+    _, _, info = images.update()
+    if info is None:  # the source changed its mind between check and apply
+        print("Already up to date")
+        return
+    print(f"Updated in {go_duration(time.monotonic() - start)}")
+    print("Existing VM disks (overlays) are based on the old image: they will be recreated fresh on next boot")
+
+
+@task(help={"json": "Print JSON instead of a table"})
+def list_(c, json_=False):
+    """List installed images (version, source, size, sha256, date)."""
+    rows = _manager(c).list()
+    if json_:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("No images installed (run: inv image.install)")
+        return
+    for row in rows:
+        mark = " (current)" if row["current"] else ""
+        print(f"{row['name']}{mark}")
+        print(f"  Version: {row['version']}")
+        print(f"  Source: {row['source']}")
+        print(f"  Size: {human_size(row['size'])}")
+        print(f"  SHA256: {row['sha256'] or '(not published)'}")
+        print(f"  Downloaded: {row['downloaded']}")
+
+
+@task
+def prune(c):
+    """Remove partial downloads and image files nothing references."""
+    result = _manager(c).prune()
+    for path in result.removed:
+        print(f"Removed {path}")
+    for what in result.skipped:
+        print(f"Kept {what}")
+    if not result.removed:
+        print("Nothing to remove")
+    print(f"Freed {human_size(result.freed)}")
+
 
 ns = configure(Collection("image"))
+ns.add_task(install)
+ns.add_task(update)
+ns.add_task(list_, name="list")
+ns.add_task(prune)
+# image.build is added here by the image builder (lead): ns.add_task(build)

@@ -1,0 +1,484 @@
+"""The one resumable, verified HTTP download every image source uses.
+
+``download_file(url, dest, ...)``:
+
+* streams to ``<dest>.part`` beside the image, hashing (sha256) in the same pass, in 1 MiB chunks
+  (memory stays flat whatever the image size);
+* remembers the server's validator (strong ETag, else Last-Modified) in ``<dest>.part.json`` and,
+  after an interruption (cut connection, timeout, Ctrl-C, crash), resumes with
+  ``Range: bytes=N-`` + ``If-Range``; the existing part is hashed first so the final sha256 covers
+  the whole file;
+* a server that ignores the range (200) restarts cleanly from byte 0; a 416 discards the part and
+  restarts once; a ``Content-Range`` that does not start where we asked is refused (part
+  discarded);
+* retries cut connections and 5xx answers a bounded number of times with short back-off, giving
+  up sooner when attempts make no progress;
+* on success: fsync, compare with the expected sha256 (mismatch → :class:`ChecksumError`, part
+  deleted, the existing image untouched), then an atomic rename onto ``dest``;
+* holds ``fsutil.file_lock(<dest>.lock)`` so one image is downloaded by one process at a time;
+* sends the caller's ``headers`` (credentials) only to the origin of ``url``: redirects to another
+  host (a CDN, object storage) get none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from ..errors import ChecksumError, ImageError, SourceError
+from ..fsutil import atomic_write_text, file_lock, fsync_dir
+
+CHUNK = 1 << 20
+MAX_REDIRECTS = 10
+MAX_STALLS = 3  # consecutive attempts that received no byte before giving up
+USER_AGENT = "devops-tasks"
+
+Progress = Callable[[int, int], None]
+Reauth = Callable[[requests.Response], Mapping[str, str]]
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass
+class DownloadResult:
+    """What :func:`download_file` delivered. ``received`` counts body bytes fetched by this call
+    (the resumed remainder, not what an earlier run already stored)."""
+
+    sha256: str
+    size: int
+    validator: str
+    url: str
+    received: int
+    attempts: int
+
+
+def part_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def part_meta_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part.json")
+
+
+def lock_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".lock")
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what "the same server" means."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.scheme, (parts.hostname or "").lower(), port)
+
+
+def redact(url: str) -> str:
+    """``url`` without its query string (signed redirect URLs carry credentials there)."""
+    parts = urlsplit(url)
+    return parts._replace(query="", fragment="").geturl() if parts.query else url
+
+
+class _Transient(Exception):
+    """A failure worth another attempt (cut connection, timeout, 5xx)."""
+
+
+class _Download:
+    def __init__(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        headers: Optional[Mapping[str, str]],
+        expected_sha256: str,
+        size: int,
+        progress: Optional[Progress],
+        quiet: bool,
+        timeout: tuple[float, float],
+        retries: int,
+        backoff: float,
+        session: Optional[requests.Session],
+        label: str,
+        reauth: Optional[Reauth],
+    ):
+        self.url = url
+        self.shown_url = redact(url)
+        self.dest = Path(dest)
+        self.part = part_path(self.dest)
+        self.meta = part_meta_path(self.dest)
+        self.headers = dict(headers or {})
+        self.expected = (expected_sha256 or "").strip().lower()
+        if self.expected.startswith("sha256:"):
+            self.expected = self.expected[len("sha256:") :]
+        self.size = size
+        self.progress = progress
+        self.quiet = quiet
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.own_session = session is None
+        self.session = session or requests.Session()
+        self.label = label or self.dest.name
+        self.reauth = reauth
+        self.origin = origin(url)
+
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+        self.total = -1
+        self.validator = ""
+        self.received = 0
+        self.attempts = 0
+        self.restarted_416 = False
+        self.bar = None
+
+    # -- the part file and its metadata ------------------------------------------------------
+    def _discard(self) -> None:
+        for path in (self.part, self.meta):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+        self.validator = ""
+
+    def _save_meta(self) -> None:
+        body = {"url": self.url, "validator": self.validator, "total": self.total, "sha256": self.expected}
+        atomic_write_text(self.meta, json.dumps(body) + "\n")
+
+    def _load_part(self) -> None:
+        """Reuse an earlier ``.part`` only when it belongs to this URL/checksum and can be resumed."""
+        if not self.part.exists():
+            with contextlib.suppress(FileNotFoundError):
+                self.meta.unlink()
+            return
+        try:
+            meta = json.loads(self.meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        usable = (
+            isinstance(meta, dict)
+            and meta.get("url") == self.url
+            and (not self.expected or not meta.get("sha256") or meta.get("sha256") == self.expected)
+            and (meta.get("validator") or self.expected)
+        )
+        if not usable:
+            self._discard()
+            return
+        self.validator = str(meta.get("validator") or "")
+        self.total = int(meta.get("total", -1) or -1)
+        with open(self.part, "rb") as handle:
+            while True:
+                chunk = handle.read(CHUNK)
+                if not chunk:
+                    break
+                self.hasher.update(chunk)
+                self.offset += len(chunk)
+        if 0 <= self.total < self.offset:
+            self._discard()
+            self.total = -1
+
+    # -- HTTP --------------------------------------------------------------------------------
+    def _request(self, extra: dict[str, str]) -> requests.Response:
+        """GET with manual redirects: credentials go to the origin of the first URL only."""
+        url = self.url
+        reauthed = False
+        for _ in range(MAX_REDIRECTS + 1):
+            same_origin = origin(url) == self.origin
+            headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra}
+            if same_origin:
+                headers.update(self.headers)
+            try:
+                resp = self.session.get(
+                    url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
+                )
+            except requests.exceptions.SSLError as exc:
+                raise SourceError(f"{redact(url)}: TLS error: {_reason(exc)}") from None
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                    requests.exceptions.InvalidSchema) as exc:
+                raise SourceError(f"{redact(url)}: invalid URL: {exc}") from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+                raise _Transient(f"{redact(url)}: {_reason(exc)}") from None
+            if resp.status_code in _REDIRECTS and resp.headers.get("Location"):
+                resp.close()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            if resp.status_code == 401 and same_origin and self.reauth is not None and not reauthed:
+                new = self.reauth(resp)
+                resp.close()
+                self.headers.update(new)
+                reauthed = True
+                continue
+            resp.final_url = url  # type: ignore[attr-defined]
+            return resp
+        raise SourceError(f"{self.shown_url}: more than {MAX_REDIRECTS} redirects")
+
+    def _attempt(self) -> bool:
+        """One request; True when the body is complete, False to start over at once."""
+        extra: dict[str, str] = {}
+        if self.offset > 0:
+            extra["Range"] = f"bytes={self.offset}-"
+            if self.validator:
+                extra["If-Range"] = self.validator
+        resp = self._request(extra)
+        with resp:
+            shown = redact(resp.final_url)  # type: ignore[attr-defined]
+            status = resp.status_code
+            if status == 416:
+                match = re.match(r"^\s*bytes\s+\*/(\d+)\s*$", resp.headers.get("Content-Range", ""))
+                if match and self.offset > 0 and int(match.group(1)) == self.offset:
+                    self.total = self.offset  # the part already holds the whole file
+                    return True
+                if self.restarted_416 or self.offset == 0:
+                    self._discard()
+                    raise SourceError(f"{shown}: the server refused the byte range (HTTP 416)")
+                self.restarted_416 = True
+                self._discard()
+                return False
+            if status in (408, 425, 429) or status >= 500:
+                raise _Transient(f"{shown}: HTTP {status} {resp.reason or ''}".rstrip())
+            if status == 404:
+                raise SourceError(f"{shown}: not found (HTTP 404)")
+            if status in (401, 403):
+                raise SourceError(f"{shown}: access denied (HTTP {status}); check the credentials")
+            if status not in (200, 206):
+                raise SourceError(f"{shown}: unexpected HTTP {status} {resp.reason or ''}".rstrip())
+
+            if status == 206:
+                match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                start = int(match.group(1)) if match else -1
+                if start != self.offset:
+                    asked = self.offset
+                    self._discard()
+                    got = resp.headers.get("Content-Range", "(none)")
+                    raise SourceError(
+                        f"{shown}: asked for bytes {asked}- but the server sent Content-Range {got}; "
+                        "the partial download was discarded, run the install again"
+                    )
+                total = int(match.group(3)) if match.group(3) != "*" else -1
+            else:
+                if self.offset:
+                    self._discard()  # range ignored or the file changed: start over from byte 0
+                length = resp.headers.get("Content-Length", "")
+                total = int(length) if length.isdigit() else -1
+            if self.size >= 0 and total >= 0 and total != self.size:
+                self._discard()
+                raise SourceError(
+                    f"{shown}: the server sends {total} bytes but {self.size} were expected"
+                )
+            self.total = total
+            validator = _validator(resp)
+            if self.offset == 0 or validator:
+                self.validator = validator
+            self._save_meta()
+            self._bar_update_total()
+            self._stream(resp)
+        if self.total >= 0 and self.offset < self.total:
+            raise _Transient(f"{shown}: connection closed at {self.offset} of {self.total} bytes")
+        return True
+
+    def _stream(self, resp: requests.Response) -> None:
+        try:
+            handle = open(self.part, "ab")
+        except OSError as exc:
+            raise ImageError(f"{self.part}: cannot write: {exc.strerror or exc}") from None
+        with handle:
+            if handle.tell() != self.offset:  # the part changed under us: trust nothing
+                handle.truncate(0)
+                self._discard()
+                raise _Transient(f"{self.part}: partial file changed during download")
+            try:
+                for chunk in resp.iter_content(CHUNK):
+                    if not chunk:
+                        continue
+                    try:
+                        handle.write(chunk)
+                    except OSError as exc:
+                        raise ImageError(
+                            f"{self.part}: cannot write: {exc.strerror or exc}; "
+                            "free some space and run the install again to resume"
+                        ) from None
+                    self.hasher.update(chunk)
+                    self.offset += len(chunk)
+                    self.received += len(chunk)
+                    if self.bar is not None:
+                        self.bar.update(len(chunk))
+                    if self.progress is not None:
+                        self.progress(self.offset, self.total)
+            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.Timeout) as exc:
+                raise _Transient(f"{self.shown_url}: {_reason(exc)}") from None
+            finally:
+                handle.flush()
+
+    # -- progress bar ------------------------------------------------------------------------
+    def _bar_update_total(self) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total if self.total >= 0 else None,
+                initial=self.offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.label,
+                file=sys.stderr,
+                disable=True if self.quiet else None,
+                dynamic_ncols=True,
+            )
+        else:
+            self.bar.total = self.total if self.total >= 0 else None
+            self.bar.n = self.offset
+            self.bar.refresh()
+
+    # -- the whole thing ---------------------------------------------------------------------
+    def run(self) -> DownloadResult:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(lock_path(self.dest)):
+            try:
+                self._load_part()
+                self._loop()
+                return self._finish()
+            finally:
+                if self.bar is not None:
+                    self.bar.close()
+                if self.own_session:
+                    self.session.close()
+
+    def _loop(self) -> None:
+        if self.expected and self.offset > 0 and self.offset == self.total:
+            return  # an earlier run got every byte but stopped before the rename: just verify
+        used = 0
+        stalls = 0
+        while True:
+            before = self.offset
+            self.attempts += 1
+            try:
+                if self._attempt():
+                    return
+                continue
+            except _Transient as exc:
+                reason = str(exc)
+            progressed = self.offset > before
+            used += 1
+            stalls = 0 if progressed else stalls + 1
+            if used > self.retries or stalls >= MAX_STALLS:
+                kept = f"; {self.offset} bytes kept, run the install again to resume" if self.offset else ""
+                raise SourceError(f"download failed after {self.attempts} attempts: {reason}{kept}")
+            if not progressed:
+                time.sleep(min(self.backoff * (2 ** (stalls - 1)), 2.0))
+
+    def _finish(self) -> DownloadResult:
+        if self.total >= 0 and self.offset != self.total:
+            self._discard()
+            raise SourceError(f"{self.shown_url}: got {self.offset} bytes, expected {self.total}")
+        try:
+            fd = os.open(self.part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            self.part.touch()  # an empty body still becomes a file
+        digest = self.hasher.hexdigest()
+        if self.expected and digest != self.expected:
+            self._discard()
+            raise ChecksumError(
+                f"{self.shown_url}: sha256 mismatch (expected {self.expected}, got {digest}); "
+                f"the download was deleted and {self.dest.name} was left as it was"
+            )
+        try:
+            os.replace(self.part, self.dest)
+            fsync_dir(self.dest.parent)
+        except OSError as exc:
+            raise ImageError(f"{self.dest}: cannot install the download: {exc.strerror or exc}") from None
+        with contextlib.suppress(FileNotFoundError):
+            self.meta.unlink()
+        return DownloadResult(
+            sha256=digest,
+            size=self.offset,
+            validator=self.validator,
+            url=self.url,
+            received=self.received,
+            attempts=self.attempts,
+        )
+
+
+def _validator(resp: requests.Response) -> str:
+    """A value usable in ``If-Range``: a strong ETag, else Last-Modified, else ''."""
+    etag = resp.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified", "").strip()
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause for a requests error, without URLs' query strings or nested reprs."""
+    if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in str(exc):
+        return "timed out waiting for data"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "timed out connecting"
+    text = str(exc)
+    for needle, short in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "host name not found"),
+        ("Temporary failure in name resolution", "host name not found"),
+        ("IncompleteRead", "connection closed before the end of the file"),
+        ("Connection broken", "connection broken"),
+        ("Connection reset", "connection reset"),
+        ("RemoteDisconnected", "connection closed by the server"),
+        ("Connection aborted", "connection aborted"),
+    ):
+        if needle in text:
+            return short
+    return text.split("\n")[0][:200]
+
+
+def download_file(
+    url: str,
+    dest: Path | str,
+    *,
+    headers: Optional[Mapping[str, str]] = None,
+    expected_sha256: str = "",
+    size: int = -1,
+    progress: Optional[Progress] = None,
+    quiet: bool = False,
+    timeout: tuple[float, float] = (10.0, 60.0),
+    retries: int = 20,
+    backoff: float = 0.25,
+    session: Optional[requests.Session] = None,
+    label: str = "",
+    reauth: Optional[Reauth] = None,
+) -> DownloadResult:
+    """Download ``url`` to ``dest`` resumably and verified; see the module docstring.
+
+    ``headers`` go only to the origin of ``url`` (never to a redirect target elsewhere);
+    ``expected_sha256`` (hex, optionally ``sha256:``-prefixed) is checked before ``dest`` is
+    replaced; ``size`` (when >= 0) is the expected length; ``reauth(resp)`` is called once on a 401
+    from the origin and returns fresh headers (e.g. a new registry token). KeyboardInterrupt keeps
+    the ``.part`` for the next run.
+    """
+    return _Download(
+        url,
+        Path(dest),
+        headers=headers,
+        expected_sha256=expected_sha256,
+        size=size,
+        progress=progress,
+        quiet=quiet,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        session=session,
+        label=label,
+        reauth=reauth,
+    ).run()
