@@ -1,0 +1,422 @@
+"""ImageManager with fake sources: selection, fallback, errors, check-update, manifest safety."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+from invoke import Config as InvokeConfig
+from invoke import Context
+from invoke.exceptions import Exit
+
+from devops_tasks import paths
+from devops_tasks.config import Config
+from devops_tasks.errors import ChecksumError, ConfigError, ImageError, SourceError
+from devops_tasks.fsutil import file_lock
+from devops_tasks.images import ImageManager, UpdateCheckError
+from devops_tasks.manifest import ImageInfo, Manifest
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORE_HOME", str(tmp_path / "core"))
+    monkeypatch.setenv("CORE_IMAGES_DIR", str(tmp_path / "images"))
+    monkeypatch.delenv("GH_TOKEN", raising=False)
+    monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+    return tmp_path
+
+
+class FakeSource:
+    def __init__(self, name, version="v1", data=None, available=True, latest_error=None,
+                 download_error=None, guest_contract=0):
+        self._name = name
+        self.version = version
+        self.data = data if data is not None else f"{name}-{version}".encode()
+        self._available = available
+        self.latest_error = latest_error
+        self.download_error = download_error
+        self.guest_contract = guest_contract
+        self.unavailable_reason = "" if available else f"{name} is switched off"
+        self.calls = []
+
+    def name(self):
+        return self._name
+
+    def available(self):
+        self.calls.append("available")
+        return self._available
+
+    def latest_version(self):
+        self.calls.append("latest_version")
+        if self.latest_error:
+            raise self.latest_error
+        return self.version
+
+    def download(self, dest, progress=None):
+        self.calls.append("download")
+        if self.download_error:
+            raise self.download_error
+        tmp = Path(str(dest) + ".part")
+        tmp.write_bytes(self.data)
+        os.replace(tmp, dest)
+        if progress:
+            progress(len(self.data), len(self.data))
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def manager(sources, source="auto", echo=None):
+    config = Config.from_dict({"images": {"source": source}})
+    lines = [] if echo is None else echo
+    return ImageManager(config, sources=sources, echo=lines.append)
+
+
+def read_manifest():
+    return json.loads(paths.manifest_path().read_text())
+
+
+# -- install ------------------------------------------------------------------------------------
+def test_install_uses_first_available_source_and_records_manifest():
+    gh = FakeSource("github", available=False)
+    cdn = FakeSource("cdn", version="v1.2.0")
+    reg = FakeSource("registry")
+    lines = []
+    seen = []
+    images = ImageManager(Config(), sources=[gh, cdn, reg], echo=lines.append)
+    info = images.install(progress=lambda done, total: seen.append((done, total)))
+
+    assert paths.image_path().read_bytes() == b"cdn-v1.2.0"
+    assert info.version == "v1.2.0" and info.source == "cdn"
+    assert info.sha256 == hashlib.sha256(b"cdn-v1.2.0").hexdigest()
+    entry = read_manifest()["images"][paths.image_name()]
+    assert entry["version"] == "v1.2.0"
+    assert entry["source"] == "cdn"
+    assert entry["sha256"] == info.sha256
+    assert entry["downloaded"].endswith("Z")
+    assert "download" not in gh.calls and "download" not in reg.calls
+    assert lines == [f"Downloading {paths.image_name()} from cdn..."]
+    assert seen == [(10, 10)]
+    assert images.is_installed()
+
+
+def test_no_available_source_is_an_error_naming_each():
+    images = manager([FakeSource("github", available=False), FakeSource("cdn", available=False)])
+    with pytest.raises(SourceError, match="no image source available") as err:
+        images.install()
+    assert "github: not available (github is switched off)" in str(err.value)
+    assert "cdn: not available" in str(err.value)
+    assert not paths.manifest_path().exists()
+
+
+def test_no_sources_at_all():
+    with pytest.raises(SourceError, match="^no image source available$"):
+        manager([]).install()
+
+
+@pytest.mark.parametrize("kind", ["github", "cdn", "registry", "build"])
+def test_config_selects_one_source(kind):
+    fakes = [FakeSource(n) for n in ("github", "cdn", "registry", "build")]
+    info = manager(fakes, source=kind).install()
+    assert info.source == kind
+    for fake in fakes:
+        assert ("download" in fake.calls) == (fake.name() == kind)
+
+
+def test_install_source_argument_overrides_config():
+    fakes = [FakeSource("github"), FakeSource("cdn")]
+    assert manager(fakes, source="github").install(source="cdn").source == "cdn"
+
+
+def test_selected_source_unavailable():
+    fakes = [FakeSource("github"), FakeSource("cdn", available=False)]
+    with pytest.raises(SourceError, match="no image source available.*cdn is switched off"):
+        manager(fakes, source="cdn").install()
+
+
+def test_unknown_source_in_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="images.source: unknown source 'ftp'"):
+        Config.from_dict({"images": {"source": "ftp"}})
+
+
+def test_unknown_source_argument():
+    with pytest.raises(ImageError, match="unknown image source 'ftp' .*valid: auto, github, cdn, registry, build"):
+        manager([FakeSource("github")]).install(source="ftp")
+
+
+def test_single_source_latest_version_error_propagates():
+    fake = FakeSource("cdn", latest_error=SourceError("https://cdn.example/manifest.json: HTTP 500"))
+    with pytest.raises(SourceError, match=r"^failed to get latest version: https://cdn.example/manifest.json: HTTP 500$"):
+        manager([fake], source="cdn").install()
+    assert not paths.manifest_path().exists()
+
+
+def test_single_source_download_error_keeps_its_type():
+    fake = FakeSource("github", download_error=ChecksumError("sha256 mismatch"))
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        manager([fake], source="github").install()
+    assert not paths.manifest_path().exists()
+
+
+def test_auto_falls_through_to_the_next_source():
+    gh = FakeSource("github", latest_error=SourceError("rate limit exceeded"))
+    cdn = FakeSource("cdn", download_error=SourceError("connection refused"))
+    reg = FakeSource("registry", version="v3")
+    info = manager([gh, cdn, reg]).install()
+    assert info.source == "registry" and info.version == "v3"
+    assert read_manifest()["images"][paths.image_name()]["source"] == "registry"
+
+
+def test_auto_all_fail_lists_every_source_and_says_it_builds():
+    lines = []
+    fakes = [
+        FakeSource("github", available=False),
+        FakeSource("cdn", latest_error=SourceError("no manifest")),
+        FakeSource("registry", download_error=ChecksumError("digest mismatch")),
+        FakeSource("build", download_error=ImageError("qemu-img missing")),
+    ]
+    with pytest.raises(SourceError) as err:
+        manager(fakes, echo=lines).install()
+    text = str(err.value)
+    assert text.startswith("every image source failed: ")
+    assert "github: not available (github is switched off)" in text
+    assert "cdn: failed to get latest version: no manifest" in text
+    assert "registry: digest mismatch" in text
+    assert "build: qemu-img missing" in text
+    assert text.index("github") < text.index("cdn") < text.index("registry") < text.index("build")
+    assert "No download source worked; building the image locally instead" in lines
+    assert not paths.manifest_path().exists()
+
+
+def test_failed_install_leaves_image_and_manifest_untouched():
+    manager([FakeSource("cdn", version="v1")]).install()
+    image_before = paths.image_path().read_bytes()
+    manifest_before = paths.manifest_path().read_bytes()
+    for fake in (
+        FakeSource("cdn", version="v2", latest_error=SourceError("down")),
+        FakeSource("cdn", version="v2", download_error=ChecksumError("bad sha")),
+    ):
+        with pytest.raises(ImageError):
+            manager([fake]).install()
+    assert paths.image_path().read_bytes() == image_before
+    assert paths.manifest_path().read_bytes() == manifest_before
+
+
+def test_guest_contract_is_copied():
+    manager([FakeSource("build", guest_contract=1)]).install()
+    assert read_manifest()["images"][paths.image_name()]["guest_contract"] == 1
+    assert Manifest.load().get(paths.image_name()).guest_contract == 1
+
+
+def test_manifest_keeps_other_images():
+    other = Manifest.load()
+    other.set("core-devops-darwin-arm64.qcow2", ImageInfo(version="v0", source="cdn"))
+    other.save()
+    manager([FakeSource("cdn")]).install()
+    assert set(read_manifest()["images"]) == {"core-devops-darwin-arm64.qcow2", paths.image_name()}
+
+
+def test_given_manifest_object_is_used():
+    m = Manifest(paths.images_dir() / "other.json")
+    images = ImageManager(Config(), sources=[FakeSource("cdn")], manifest=m, echo=lambda _: None)
+    images.install()
+    assert m.get(paths.image_name()).source == "cdn"
+    assert (paths.images_dir() / "other.json").exists()
+    assert not paths.manifest_path().exists()
+
+
+def test_part_file_does_not_count_as_installed():
+    paths.images_dir().mkdir(parents=True)
+    Path(str(paths.image_path()) + ".part").write_bytes(b"half")
+    images = manager([FakeSource("cdn")])
+    assert not images.is_installed()
+    # a file without a manifest entry (crash before the manifest write) is not installed either
+    paths.image_path().write_bytes(b"whole")
+    assert not images.is_installed()
+
+
+# -- check_update -------------------------------------------------------------------------------
+def test_check_update_not_installed():
+    with pytest.raises(ImageError, match="^image not installed"):
+        manager([FakeSource("cdn")]).check_update()
+
+
+def test_check_update_v1_to_v2_and_up_to_date():
+    manager([FakeSource("cdn", version="v1")]).install()
+    assert manager([FakeSource("cdn", version="v2")]).check_update() == ("v1", "v2", True)
+    assert manager([FakeSource("cdn", version="v1")]).check_update() == ("v1", "v1", False)
+
+
+def test_check_update_asks_the_source_the_image_came_from():
+    manager([FakeSource("cdn", version="v1")]).install()
+    gh = FakeSource("github", version="g9")
+    cdn = FakeSource("cdn", version="v2")
+    assert manager([gh, cdn]).check_update() == ("v1", "v2", True)
+    assert "latest_version" not in gh.calls
+
+
+def test_check_update_returns_current_when_the_source_fails():
+    manager([FakeSource("cdn", version="v1")]).install()
+    before = paths.manifest_path().read_bytes()
+    failing = FakeSource("cdn", latest_error=SourceError("https://cdn.example/manifest.json: HTTP 503"))
+    with pytest.raises(UpdateCheckError, match="^failed to get latest version: .*HTTP 503") as err:
+        manager([failing]).check_update()
+    assert err.value.current == "v1"
+    assert isinstance(err.value, SourceError)
+    assert paths.manifest_path().read_bytes() == before
+
+
+def test_check_update_no_source_available_still_carries_current():
+    manager([FakeSource("cdn", version="v1")]).install()
+    with pytest.raises(UpdateCheckError, match="no image source available") as err:
+        manager([FakeSource("cdn", available=False)]).check_update()
+    assert err.value.current == "v1"
+
+
+def test_update_installs_new_version():
+    manager([FakeSource("cdn", version="v1")]).install()
+    current, latest, info = manager([FakeSource("cdn", version="v2")]).update()
+    assert (current, latest, info.version) == ("v1", "v2", "v2")
+    assert paths.image_path().read_bytes() == b"cdn-v2"
+    assert manager([FakeSource("cdn", version="v2")]).update()[2] is None
+
+
+# -- list and prune -----------------------------------------------------------------------------
+def test_list():
+    manager([FakeSource("cdn", version="v1")]).install()
+    m = Manifest.load()
+    m.set("core-devops-darwin-arm64.qcow2", ImageInfo(version="v0", source="github"))
+    m.save()
+    rows = {row["name"]: row for row in manager([]).list()}
+    mine = rows[paths.image_name()]
+    assert mine["version"] == "v1" and mine["source"] == "cdn" and mine["size"] == 6
+    assert mine["current"] and mine["installed"] and len(mine["sha256"]) == 64
+    other = rows["core-devops-darwin-arm64.qcow2"]
+    assert other["size"] is None and not other["installed"] and not other["current"]
+
+
+def test_prune_removes_parts_and_unreferenced_images():
+    d = paths.images_dir()
+    d.mkdir(parents=True)
+    (d / "old.qcow2").write_bytes(b"x" * 100)
+    (d / "referenced.qcow2").write_bytes(b"r")
+    (d / f"{paths.image_name()}").write_bytes(b"current, not in manifest yet")
+    (d / f"{paths.image_name()}.part").write_bytes(b"p" * 10)
+    (d / f"{paths.image_name()}.part.json").write_text("{}")
+    (d / "busy.qcow2.part").write_bytes(b"b" * 7)
+    (d / "notes.txt").write_text("keep")
+    m = Manifest.load()
+    m.set("referenced.qcow2", ImageInfo(version="v1", source="cdn"))
+    m.save()
+    with file_lock(d / "busy.qcow2.lock"):
+        result = manager([]).prune()
+    names = sorted(p.name for p in result.removed)
+    assert names == sorted(["old.qcow2", f"{paths.image_name()}.part", f"{paths.image_name()}.part.json"])
+    assert result.freed == 100 + 10 + 2
+    assert any("busy.qcow2.part" in s for s in result.skipped)
+    for kept in ("referenced.qcow2", paths.image_name(), "busy.qcow2.part", "notes.txt", "manifest.json"):
+        assert (d / kept).exists()
+
+
+def test_prune_without_images_dir():
+    result = manager([]).prune()
+    assert result.removed == [] and result.freed == 0
+
+
+# -- tasks --------------------------------------------------------------------------------------
+def run_task(monkeypatch, task, sources, **kwargs):
+    from devops_tasks.tasks import image as image_tasks
+
+    monkeypatch.setattr(
+        image_tasks, "_manager", lambda c, quiet=False: ImageManager(Config(), sources=sources, echo=print)
+    )
+    ctx = Context(config=InvokeConfig(overrides={"core": Config().to_dict()}))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        task(ctx, **kwargs)
+    return out.getvalue()
+
+
+def test_install_task_output(monkeypatch):
+    from devops_tasks.tasks.image import install
+
+    out = run_task(monkeypatch, install, [FakeSource("cdn")])
+    lines = out.splitlines()
+    assert lines[0] == f"Image: {paths.image_name()}"
+    assert lines[1] == "Downloading dev environment..."
+    assert lines[-2].startswith("Installed in ") and lines[-2].endswith("s")
+    assert lines[-1] == "Start with: inv vm.boot"
+    again = run_task(monkeypatch, install, [FakeSource("cdn")])
+    assert again.splitlines() == [f"Image: {paths.image_name()}", "Dev environment already installed"]
+
+
+def test_install_task_error_is_one_line(monkeypatch):
+    from devops_tasks.tasks.image import install
+
+    with pytest.raises(Exit) as err:
+        run_task(monkeypatch, install, [FakeSource("cdn", latest_error=SourceError("down"))])
+    assert err.value.code == 1
+    assert err.value.message == "Error: failed to get latest version: down"
+
+
+def test_update_task(monkeypatch):
+    from devops_tasks.tasks import image as image_tasks
+
+    manager([FakeSource("cdn", version="v1")]).install()
+    out = run_task(monkeypatch, image_tasks.update, [FakeSource("cdn", version="v1")])
+    assert out.splitlines() == ["Checking for updates...", "Current: v1", "Latest: v1", "Already up to date"]
+    out = run_task(monkeypatch, image_tasks.update, [FakeSource("cdn", version="v2")])
+    assert out.splitlines()[1:4] == ["Current: v1", "Latest: v2", "Update available"]
+    assert Manifest.load().get(paths.image_name()).version == "v1"
+
+    monkeypatch.setattr(image_tasks, "_running_vms", lambda: ["core-dev"])
+    with pytest.raises(Exit, match="VM core-dev is running.*stop it first"):
+        run_task(monkeypatch, image_tasks.update, [FakeSource("cdn", version="v2")], apply=True)
+    assert Manifest.load().get(paths.image_name()).version == "v1"
+
+    monkeypatch.setattr(image_tasks, "_running_vms", lambda: [])
+    out = run_task(monkeypatch, image_tasks.update, [FakeSource("cdn", version="v2")], apply=True)
+    assert any(line.startswith("Updated in ") for line in out.splitlines())
+    assert "recreated fresh on next boot" in out
+    assert Manifest.load().get(paths.image_name()).version == "v2"
+
+
+def test_update_task_source_failure_prints_current(monkeypatch):
+    from devops_tasks.tasks.image import update
+
+    manager([FakeSource("cdn", version="v1")]).install()
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(Exit, match="failed to get latest version: boom"):
+        run_task(monkeypatch, update, [FakeSource("cdn", latest_error=SourceError("boom"))])
+
+
+def test_list_and_prune_tasks(monkeypatch):
+    from devops_tasks.tasks import image as image_tasks
+
+    assert "No images installed" in run_task(monkeypatch, image_tasks.list_, [])
+    manager([FakeSource("cdn", version="v7")]).install()
+    out = run_task(monkeypatch, image_tasks.list_, [])
+    assert "Version: v7" in out and "Source: cdn" in out
+    data = json.loads(run_task(monkeypatch, image_tasks.list_, [], json_=True))
+    assert data[0]["version"] == "v7"
+    (paths.images_dir() / "stale.qcow2").write_bytes(b"z" * 2048)
+    out = run_task(monkeypatch, image_tasks.prune, [])
+    assert "stale.qcow2" in out and "Freed 2.0 KiB" in out
+
+
+def test_go_duration():
+    from devops_tasks.tasks.image import go_duration
+
+    assert [go_duration(s) for s in (0, 0.4, 42, 90, 3723)] == ["0s", "0s", "42s", "1m30s", "1h2m3s"]
+
+
+def test_running_vms_without_lifecycle(monkeypatch):
+    import sys
+
+    from devops_tasks.tasks import image as image_tasks
+
+    monkeypatch.setitem(sys.modules, "devops_tasks.lifecycle", None)  # import → ImportError
+    assert image_tasks._running_vms() == []
