@@ -1,7 +1,24 @@
-"""The ``shell`` collection."""
+"""The ``shell`` collection: ``inv shell`` (a login shell in the VM) or ``inv shell -- CMD ...``."""
 
 from invoke import Collection
 
-from .common import configure
+from ..options import ShellOptions
+from .common import configure, devops, exit_with, remainder_words, task
+
+
+@task(
+    default=True,
+    help={
+        "name": "VM name (default: core.vm.name, 'core-dev')",
+        "console": "attach to the VM's serial console instead of SSH (detach with Ctrl-])",
+        "no_agent": "do not forward the local SSH agent (forwarded by default when one runs)",
+    },
+)
+def shell(c, name=None, console=False, no_agent=False):
+    """Open a shell in the VM, or run `-- CMD ...` there and exit with its status."""
+    opts = ShellOptions(console=console, command=remainder_words(), forward_agent=not no_agent)
+    exit_with(devops(c, name).shell(opts))
+
 
 ns = configure(Collection("shell"))
+ns.add_task(shell)
