@@ -35,6 +35,7 @@ from typing import Callable, Mapping, Optional
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from ..errors import ChecksumError, ImageError, SourceError
 from ..fsutil import atomic_write_text, file_lock, fsync_dir
@@ -252,6 +253,12 @@ class _Download:
             if status not in (200, 206):
                 raise SourceError(f"{shown}: unexpected HTTP {status} {resp.reason or ''}".rstrip())
 
+            encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise SourceError(
+                    f"{shown}: the server sends the file with Content-Encoding {encoding}, "
+                    "which cannot be resumed or verified byte for byte"
+                )
             if status == 206:
                 match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
                 start = int(match.group(1)) if match else -1
@@ -295,10 +302,14 @@ class _Download:
                 handle.truncate(0)
                 self._discard()
                 raise _Transient(f"{self.part}: partial file changed during download")
+            # raw reads: requests' iter_content drops bytes already received when the connection
+            # breaks mid-chunk, and every byte kept here is a byte not fetched again.
+            raw = resp.raw
             try:
-                for chunk in resp.iter_content(CHUNK):
+                while True:
+                    chunk = raw.read(CHUNK, decode_content=False)
                     if not chunk:
-                        continue
+                        break
                     try:
                         handle.write(chunk)
                     except OSError as exc:
@@ -313,8 +324,7 @@ class _Download:
                         self.bar.update(len(chunk))
                     if self.progress is not None:
                         self.progress(self.offset, self.total)
-            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.Timeout) as exc:
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
                 raise _Transient(f"{self.shown_url}: {_reason(exc)}") from None
             finally:
                 handle.flush()

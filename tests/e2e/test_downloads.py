@@ -1,0 +1,343 @@
+"""The resumable, verified download against a misbehaving loopback server, through the CDN source
+and the ImageManager: cuts, ignored ranges, 416, wrong Content-Range, wrong sha256, 404, 500,
+stalls, Ctrl-C -- each a clean recovery or a clear error with the old image and manifest intact."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+
+import pytest
+
+from devops_tasks import paths
+from devops_tasks.config import Config
+from devops_tasks.errors import ChecksumError, SourceError
+from devops_tasks.images import ImageManager, UpdateCheckError
+from devops_tasks.manifest import Manifest
+from devops_tasks.sources.download import download_file, part_meta_path, part_path
+
+from servers import FileServer
+
+pytestmark = pytest.mark.e2e
+
+NAME = paths.image_name()
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def core_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CORE_HOME", str(tmp_path / "core"))
+    monkeypatch.setenv("CORE_IMAGES_DIR", str(tmp_path / "images"))
+    monkeypatch.setenv("CORE_HTTP_CONNECT_TIMEOUT", "2")
+    monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "5")
+    for name in ("GH_TOKEN", "GITHUB_TOKEN", "CORE_DOWNLOAD_RETRIES"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def server():
+    with FileServer() as srv:
+        yield srv
+
+
+def publish(server: FileServer, version: str, data: bytes, sha: str | None = None, manifest: bool = True):
+    server.put(f"/images/{NAME}", data)
+    if manifest:
+        entry = {"version": version, "sha256": sha if sha is not None else hashlib.sha256(data).hexdigest()}
+        server.put_json("/images/manifest.json", {"images": {NAME: entry}})
+    else:
+        server.files.pop("/images/manifest.json", None)
+
+
+def manager(server: FileServer) -> ImageManager:
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": f"{server.url}/images"}}})
+    return ImageManager(config, echo=lambda _: None, quiet=True)
+
+
+def image_sent(server: FileServer) -> int:
+    return server.sent_by.get(f"/images/{NAME}", 0)
+
+
+def installed_state():
+    return paths.image_path().read_bytes(), paths.manifest_path().read_bytes()
+
+
+@pytest.fixture
+def v1_installed(server):
+    """v1 installed from the server; returns (image bytes, manifest bytes)."""
+    publish(server, "v1", os.urandom(MiB))
+    manager(server).install()
+    server.sent_by.clear()
+    server.log.clear()
+    return installed_state()
+
+
+def no_leftovers():
+    image = paths.image_path()
+    return not part_path(image).exists() and not part_meta_path(image).exists()
+
+
+# -- recoveries ---------------------------------------------------------------------------------
+def test_many_cuts_resume_and_resend_only_missing_bytes(server):
+    size = 8 * MiB + 12345
+    data = os.urandom(size)
+    publish(server, "v1", data)
+    rng = random.Random(7)
+    server.cuts = sorted(rng.sample(range(1, size), 12))
+    seen = []
+    info = manager(server).install(progress=lambda done, total: seen.append((done, total)))
+
+    assert paths.image_path().read_bytes() == data
+    assert info.sha256 == hashlib.sha256(data).hexdigest() and info.version == "v1"
+    assert server.cuts == []  # every cut happened
+    assert image_sent(server) == size  # only the missing bytes were sent again
+    ranges = [h.get("Range") for h in server.requests_for(f"/images/{NAME}")]
+    assert len(ranges) == 13 and ranges[0] is None and all(r.startswith("bytes=") for r in ranges[1:])
+    assert all(h.get("If-Range") for h in server.requests_for(f"/images/{NAME}")[1:])
+    assert seen[-1] == (size, size)
+    assert no_leftovers()
+
+
+def test_server_ignoring_range_restarts_from_zero(server):
+    data = os.urandom(3 * MiB)
+    publish(server, "v1", data)
+    server.cuts = [MiB + 17]
+    server.ignore_range = True
+    manager(server).install()
+    assert paths.image_path().read_bytes() == data
+    assert image_sent(server) == len(data) + MiB + 17
+
+
+def test_changed_file_invalidates_the_part(server):
+    """If-Range with an old ETag: the server sends the new file whole (200), nothing is mixed."""
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    publish(server, "v1", old)
+    server.cuts = [MiB]
+    with pytest.raises(SourceError):  # one attempt only, so the cut is final
+        download_file(f"{server.url}/images/{NAME}", paths.image_path(), retries=0, quiet=True)
+    assert part_path(paths.image_path()).stat().st_size == MiB
+    publish(server, "v2", new)
+    result = download_file(f"{server.url}/images/{NAME}", paths.image_path(), quiet=True)
+    assert paths.image_path().read_bytes() == new
+    assert result.sha256 == hashlib.sha256(new).hexdigest()
+
+
+def test_416_discards_the_part_and_restarts_once(server):
+    data = os.urandom(2 * MiB)
+    publish(server, "v1", data)
+    server.cuts = [MiB // 2]
+    server.answer_416 = 1
+    manager(server).install()
+    assert paths.image_path().read_bytes() == data
+    assert image_sent(server) == len(data) + MiB // 2
+
+
+def test_416_every_time_is_an_error(server, v1_installed):
+    """After a 416 the download restarts from zero once; a second 416 (after another cut) ends it."""
+    publish(server, "v2", os.urandom(2 * MiB))
+    server.cuts = [MiB, MiB + MiB // 2]
+    server.answer_416 = 100
+    with pytest.raises(SourceError, match=r"refused the byte range \(HTTP 416\)"):
+        manager(server).install()
+    assert installed_state() == v1_installed
+
+
+def test_complete_part_is_verified_without_download(server):
+    data = os.urandom(MiB)
+    publish(server, "v1", data)
+    url = f"{server.url}/images/{NAME}"
+    calls = []
+
+    def stop_at_end(done, total):
+        if done == total:
+            calls.append(done)
+            raise KeyboardInterrupt  # killed after the last byte, before the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        download_file(url, paths.image_path(), expected_sha256=hashlib.sha256(data).hexdigest(),
+                      progress=stop_at_end, quiet=True)
+    assert not paths.image_path().exists() and part_path(paths.image_path()).stat().st_size == MiB
+    result = download_file(url, paths.image_path(), expected_sha256=hashlib.sha256(data).hexdigest(), quiet=True)
+    assert result.received == 0 and paths.image_path().read_bytes() == data
+    assert image_sent(server) == MiB
+
+
+def test_ctrl_c_keeps_the_part_for_the_next_try(server):
+    data = os.urandom(4 * MiB)
+    publish(server, "v1", data)
+
+    def interrupt(done, total):
+        if done >= 2 * MiB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        manager(server).install(progress=interrupt)
+    assert not paths.image_path().exists()
+    assert not paths.manifest_path().exists()
+    assert part_path(paths.image_path()).stat().st_size >= 2 * MiB
+    assert not manager(server).is_installed()
+    kept = part_path(paths.image_path()).stat().st_size
+    assert kept < len(data)
+    server.sent_by.clear()
+    manager(server).install()
+    assert paths.image_path().read_bytes() == data
+    assert image_sent(server) == len(data) - kept  # the second run fetched only the rest
+
+
+def test_stall_past_read_timeout_recovers(server, monkeypatch):
+    monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "0.5")
+    data = os.urandom(2 * MiB)
+    publish(server, "v1", data)
+    server.stall = [MiB, 3.0, 1]
+    manager(server).install()
+    assert paths.image_path().read_bytes() == data
+
+
+def test_stalling_server_is_a_clear_error(server, v1_installed, monkeypatch):
+    monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "0.3")
+    publish(server, "v2", os.urandom(2 * MiB))
+    server.stall = [0, 2.0, 100]
+    with pytest.raises(SourceError, match="timed out waiting for data"):
+        manager(server).install()
+    assert installed_state() == v1_installed
+
+
+# -- errors, with the installed image and manifest untouched -------------------------------------
+def test_wrong_content_range_is_refused(server, v1_installed):
+    publish(server, "v2", os.urandom(2 * MiB))
+    server.cuts = [MiB]
+    server.bad_content_range = True
+    with pytest.raises(SourceError, match=r"asked for bytes 1048576- but the server sent Content-Range bytes 1048577-"):
+        manager(server).install()
+    assert installed_state() == v1_installed
+    assert no_leftovers()
+
+
+def test_wrong_sha256(server, v1_installed):
+    publish(server, "v2", os.urandom(MiB), sha="0" * 64)
+    with pytest.raises(ChecksumError, match="sha256 mismatch") as err:
+        manager(server).install()
+    assert f"{server.url}/images/{NAME}" in str(err.value)
+    assert installed_state() == v1_installed
+    assert no_leftovers()
+
+
+def test_not_found(server, v1_installed):
+    server.status[f"/images/{NAME}"] = 404
+    with pytest.raises(SourceError, match=rf"{server.url}/images/{NAME}: not found \(HTTP 404\)"):
+        manager(server).install()
+    assert installed_state() == v1_installed
+
+
+def test_server_error_is_retried_then_reported(server, v1_installed):
+    publish(server, "v2", os.urandom(MiB))
+    server.status[f"/images/{NAME}"] = 500
+    with pytest.raises(SourceError, match=rf"download failed after 3 attempts: {server.url}/images/{NAME}: HTTP 500"):
+        manager(server).install()
+    assert installed_state() == v1_installed
+    assert len(server.requests_for(f"/images/{NAME}")) == 3
+
+
+def test_manifest_json_error(server):
+    server.status["/images/manifest.json"] = 500
+    with pytest.raises(SourceError, match=r"^failed to get latest version: .*/images/manifest.json: HTTP 500"):
+        manager(server).install()
+    assert not paths.manifest_path().exists()
+
+
+def test_connection_refused(tmp_path):
+    from servers import free_port
+
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": f"http://127.0.0.1:{free_port()}/x"}}})
+    with pytest.raises(SourceError, match="connection refused"):
+        ImageManager(config, echo=lambda _: None, quiet=True).install()
+
+
+def test_size_mismatch_is_refused(server):
+    publish(server, "v1", os.urandom(1000))
+    with pytest.raises(SourceError, match="sends 1000 bytes but 999 were expected"):
+        download_file(f"{server.url}/images/{NAME}", paths.image_path(), size=999, quiet=True)
+    assert no_leftovers()
+
+
+# -- CDN versions and check-update --------------------------------------------------------------
+def test_cdn_manifest_check_update(server):
+    publish(server, "v1", b"one" * 1000)
+    manager(server).install()
+    assert manager(server).check_update() == ("v1", "v1", False)
+    publish(server, "v2", b"two" * 1000)
+    assert manager(server).check_update() == ("v1", "v2", True)
+    entry = Manifest.load().get(NAME)
+    assert entry.version == "v1" and entry.source == "cdn"
+
+
+def test_cdn_manifest_file_entry(server):
+    data = os.urandom(5000)
+    server.put("/images/v3/custom.qcow2", data)
+    server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v3", "file": "v3/custom.qcow2",
+                                                                 "sha256": hashlib.sha256(data).hexdigest()}}})
+    assert manager(server).install().version == "v3"
+    assert paths.image_path().read_bytes() == data
+
+
+def test_cdn_etag_fallback(server):
+    publish(server, "", b"first" * 100, manifest=False)
+    info = manager(server).install()
+    etag = server.etag_of(f"/images/{NAME}").strip('"')
+    assert info.version == etag and info.version != "latest"
+    assert info.sha256 == hashlib.sha256(b"first" * 100).hexdigest()
+    assert manager(server).check_update() == (etag, etag, False)
+    publish(server, "", b"second" * 100, manifest=False)
+    current, latest, has_update = manager(server).check_update()
+    assert (current, has_update) == (etag, True) and latest == server.etag_of(f"/images/{NAME}").strip('"')
+
+
+def test_cdn_last_modified_fallback(server):
+    server.etag = False
+    publish(server, "", b"first" * 100, manifest=False)
+    info = manager(server).install()
+    assert info.version.endswith("Z") and info.version[:2] == "20"
+    server.put(f"/images/{NAME}", b"later" * 100)
+    server.mtimes[f"/images/{NAME}"] += 3600
+    assert manager(server).check_update()[2] is True
+
+
+def test_cdn_without_any_version_is_an_error(server):
+    server.etag = server.last_modified = False
+    publish(server, "", b"x", manifest=False)
+    with pytest.raises(SourceError, match="cannot tell the version"):
+        manager(server).install()
+
+
+def test_check_update_keeps_current_when_cdn_fails(server):
+    publish(server, "v1", b"one")
+    manager(server).install()
+    server.status["/images/manifest.json"] = 503
+    with pytest.raises(UpdateCheckError) as err:
+        manager(server).check_update()
+    assert err.value.current == "v1"
+
+
+def test_one_download_per_image_at_a_time(server):
+    """Two concurrent installs: the lock serialises them; both end with the right file."""
+    data = os.urandom(4 * MiB)
+    publish(server, "v1", data)
+    errors = []
+
+    def run():
+        try:
+            manager(server).install()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert paths.image_path().read_bytes() == data
+    assert no_leftovers()
