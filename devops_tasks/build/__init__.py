@@ -1,0 +1,71 @@
+"""The image builder: a YAML recipe in (``config/<name>.yaml``), one bootable qcow2 out.
+
+Public API: :func:`recipe_path`, :func:`load_recipe`, :func:`build_image` (and :class:`BuildResult`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError
+from .builder import GUEST_CONTRACT, BuildResult
+from .recipe import Recipe, load_recipe_file
+
+__all__ = ["BuildResult", "GUEST_CONTRACT", "Recipe", "build_image", "load_recipe", "recipe_path", "recipe_names"]
+
+DEFAULT_RECIPE = "minimal"
+
+
+def _recipe_dirs() -> list[Path]:
+    """The repo's ``config/`` (source checkout) first, then the installed ``devops_tasks.recipes``."""
+    dirs = [Path(__file__).resolve().parents[2] / "config"]
+    try:
+        dirs.append(Path(str(resources.files("devops_tasks.recipes"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def recipe_names() -> list[str]:
+    return sorted({p.stem for d in _recipe_dirs() for p in d.glob("*.yaml")})
+
+
+def recipe_path(name: str) -> Path:
+    """Where recipe ``name`` lives; a name ending in .yaml/.yml or holding a ``/`` is a file path."""
+    if name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        return path
+    for directory in _recipe_dirs():
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(recipe_names()) or "none"
+    raise ConfigError(f"unknown image recipe '{name}' (available: {known}; or give a path to a .yaml file)")
+
+
+def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> Recipe:
+    return load_recipe_file(recipe_path(str(name_or_path)))
+
+
+def build_image(
+    recipe: str | Path | Recipe = DEFAULT_RECIPE,
+    output: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    refresh: bool | None = None,
+) -> BuildResult:
+    """Build the image for ``recipe`` (name, path or :class:`Recipe`).
+
+    Without ``output`` it is installed as :func:`devops_tasks.paths.image_path` and recorded in the
+    manifest (source ``build``, ``guest_contract=1``); with ``output`` it is written there and the
+    manifest is left alone. ``log`` receives one-line progress messages. ``refresh``: True fetches
+    package lists now, False never (offline), None when older than a day. A rebuild of an unchanged
+    recipe with unchanged package versions reuses the cached image.
+    """
+    from .builder import build
+
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return build(loaded, output=Path(output) if output is not None else None, log=log, refresh=refresh)
