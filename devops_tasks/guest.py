@@ -346,17 +346,22 @@ def control_path(target: Target) -> Optional[Path]:
     """
     if os.environ.get("CORE_SSH_MULTIPLEX", "1").strip().lower() in ("0", "no", "false", "off"):
         return None
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    folder = Path(base) / f"devops-tasks-{os.getuid()}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = os.lstat(folder)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        return None  # someone else's or a loose folder: do not multiplex through it
     key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}"
-    return folder / (hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".sock")
+    name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".sock"
+    for base in (os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
+        folder = Path(base) / f"devops-tasks-{os.getuid()}" if base else None
+        # OpenSSH adds a 17-character suffix while it sets the master up; sun_path is 104-108 bytes.
+        if folder is None or len(str(folder / name)) + 17 >= 100:
+            continue
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(folder)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None  # someone else's or a loose folder: do not multiplex through it
+        return folder / name
+    return None
 
 
 def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = True) -> list[str]:

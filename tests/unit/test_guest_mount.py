@@ -1,0 +1,221 @@
+"""guest.Mount against a *local* stand-in for the guest: the guest's side (the mount script, sshfs)
+runs on this machine through a fake SSH channel, so the whole reverse-SSHFS logic (sftp-server ↔
+``sshfs -o slave``, reuse, refusal, stale cleanup, errors) is checked without a VM.
+
+Needs the host's sftp-server; the real mounts also need sshfs, /dev/fuse and root (skipped otherwise).
+The same behaviour is checked against the real guest in tests/e2e/test_workspace.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from devops_tasks import guest
+from devops_tasks.errors import GuestError
+
+try:
+    SFTP = guest.find_sftp_server()
+except GuestError:
+    SFTP = None
+
+needs_sftp = pytest.mark.skipif(SFTP is None, reason="no sftp-server on this machine (openssh-sftp-server)")
+needs_fuse = pytest.mark.skipif(
+    SFTP is None or shutil.which("sshfs") is None or not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="local mounts need sftp-server, sshfs, /dev/fuse and root",
+)
+
+
+class LocalChannel:
+    """Enough of paramiko.Channel: the command runs under the local ``sh``."""
+
+    def __init__(self, env):
+        self.env = env
+        self.proc = None
+
+    def exec_command(self, command):
+        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, bufsize=0, env=self.env)
+
+    def sendall(self, data):
+        self.proc.stdin.write(data)
+
+    def recv(self, n):
+        return os.read(self.proc.stdout.fileno(), n)
+
+    def recv_stderr(self, n):
+        return os.read(self.proc.stderr.fileno(), n)
+
+    def shutdown_write(self):
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def exit_status_ready(self):
+        return self.proc.poll() is not None
+
+    def recv_exit_status(self):
+        return self.proc.wait()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Result:
+    def __init__(self, proc):
+        self.exited, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+
+class LocalConn:
+    """Enough of fabric.Connection for Mount and guest.capture."""
+
+    is_connected = True
+
+    def __init__(self, env=None):
+        self.env = env or dict(os.environ)
+        self.channels = []
+        conn = self
+
+        class Transport:
+            def open_session(self, timeout=None):
+                channel = LocalChannel(conn.env)
+                conn.channels.append(channel)
+                return channel
+
+        class Client:
+            def get_transport(self):
+                return Transport()
+
+        self.client = Client()
+
+    def run(self, command, warn=True, hide=True, in_stream=False, timeout=None, **_):
+        proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, env=self.env,
+                              timeout=timeout)
+        return Result(proc)
+
+
+def mounted_at(point: Path) -> list[str]:
+    return [line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1] == str(point)]
+
+
+@pytest.fixture
+def point(tmp_path):
+    mountpoint = tmp_path / "app"
+    yield mountpoint
+    while mounted_at(mountpoint):  # never leave a mount behind, whatever a test did
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture
+def project(tmp_path):
+    folder = tmp_path / "my project 'x' $(touch pwned) `id` é"
+    folder.mkdir()
+    (folder / "hello.txt").write_text("hello\n")
+    return folder
+
+
+@needs_fuse
+def test_mount_edits_both_ways_and_unmounts(point, project, tmp_path):
+    conn = LocalConn()
+    with guest.Mount(conn, project, str(point), timeout=15) as mount:
+        assert mount.mounted and not mount.reused
+        assert mounted_at(point) == [f"{guest.fsname_for(project)}:{mount.token}"]
+        assert (point / "hello.txt").read_text() == "hello\n"
+        (point / "from-guest.txt").write_text("guest wrote this")
+        assert (project / "from-guest.txt").read_text() == "guest wrote this"
+        (project / "from-host.txt").write_text("host wrote this")
+        deadline = time.monotonic() + 5
+        while not (point / "from-host.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (point / "from-host.txt").read_text() == "host wrote this"
+    assert mounted_at(point) == []
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    assert all(ch.proc.poll() is not None for ch in conn.channels)
+
+
+@needs_fuse
+def test_mount_twice_reuses_and_repeated_mounts_work(point, project):
+    conn = LocalConn()
+    for _ in range(3):
+        with guest.Mount(conn, project, str(point), timeout=15) as outer:
+            with guest.Mount(conn, project, str(point), timeout=15) as inner:
+                assert inner.reused and not outer.reused
+            assert (point / "hello.txt").exists()  # the inner one left the outer's mount alone
+        assert mounted_at(point) == []
+
+
+@needs_fuse
+def test_mount_refuses_to_replace_another_live_mount(point, project, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    conn = LocalConn()
+    with guest.Mount(conn, project, str(point), timeout=15):
+        with pytest.raises(GuestError, match="already holds a live mount of another folder"):
+            guest.Mount(conn, other, str(point), timeout=15).start()
+        assert (point / "hello.txt").exists()
+
+
+@needs_fuse
+def test_mount_replaces_a_dead_mount(point, project):
+    conn = LocalConn()
+    first = guest.Mount(conn, project, str(point), timeout=15)
+    first.start()
+    # The host side dies without unmounting (kill -9 of the tool): sshfs's peer is gone.
+    first._proc.kill()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.stat(point / "hello.txt")
+        except OSError:
+            break
+        time.sleep(0.05)
+    with guest.Mount(conn, project, str(point), timeout=15) as second:
+        assert not second.reused
+        assert (point / "hello.txt").read_text() == "hello\n"
+    first.mounted = False
+    first.stop()
+    assert mounted_at(point) == []
+
+
+@needs_fuse
+def test_mount_reports_sshfs_errors(point, project):
+    conn = LocalConn()
+    with pytest.raises(GuestError, match="unknown option"):
+        guest.Mount(conn, project, str(point), timeout=15, options=("no_such_option",)).start()
+    assert mounted_at(point) == []
+
+
+@needs_sftp
+def test_mount_says_when_sshfs_is_missing(point, project, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("awk", "mkdir", "sleep", "cat", "rm", "umount"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    conn = LocalConn(env={"PATH": str(bin_dir)})
+    with pytest.raises(GuestError, match="sshfs is not installed in the guest image"):
+        guest.Mount(conn, project, str(point), timeout=15).start()
+    assert all(ch.proc.poll() is not None for ch in conn.channels)
+
+
+def test_mount_says_when_the_folder_is_missing(tmp_path):
+    with pytest.raises(GuestError, match="no such directory"):
+        guest.Mount(LocalConn(), tmp_path / "missing").start()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GuestError, match="not a directory"):
+        guest.Mount(LocalConn(), tmp_path / "file").start()
+
+
+def test_mount_says_when_sftp_server_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(guest, "SFTP_SERVER_CANDIDATES", (str(tmp_path / "none"),))
+    monkeypatch.delenv("CORE_SFTP_SERVER", raising=False)
+    with pytest.raises(GuestError, match="apt-get install openssh-sftp-server"):
+        guest.Mount(LocalConn(), tmp_path).start()
