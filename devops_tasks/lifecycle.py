@@ -255,6 +255,8 @@ def _confirm_ssh(vm: VMDir, record: VMRecord, deadline: float, timeout: float) -
         last = result.stderr.strip() if result is not None else "ssh timed out"
         if "REMOTE HOST IDENTIFICATION HAS CHANGED" in last or "Host key verification failed" in last:
             raise VMError(f"the guest's SSH host key does not match the pinned key: {last.splitlines()[-1]}")
+        if "Permission denied" in last:  # the guest answered and refused our login key: final
+            raise VMError(f"the guest refused the login key {hostkeys.login_key_path()}: {last.splitlines()[-1]}")
         if not is_alive(record):
             raise VMError(f"QEMU exited during boot{_log_tail(vm.serial_log)}")
         if time.monotonic() >= deadline:
@@ -286,17 +288,21 @@ def stop(devops) -> bool:
     if not vm.path.is_dir():
         devops.echo("Dev environment is not running")
         return False
-    with vm.locked():
+    # A boot in progress holds the lock: stop its QEMU anyway (that boot then sees QEMU gone, fails
+    # and cleans up after itself) rather than wait for its deadline.
+    with vm.try_locked() as locked:
         record = vm.load()
         if record is None or not is_alive(record):
-            vm.clear()
+            if locked:
+                vm.clear()
             devops.echo("Dev environment is not running")
             return False
         devops.echo("Stopping dev environment...")
         timeouts = process.StopTimeouts(powerdown=_env_float("CORE_POWERDOWN_TIMEOUT", 5.0))
         process.stop(record.pid, record.process_start, record.pidfile, record.qmp_socket, timeouts)
-        vm.clear()
-        hostkeys.forget_host(record.ssh_port)
+        if locked:
+            vm.clear()
+            hostkeys.forget_host(record.ssh_port)
     devops.echo("Stopped")
     return True
 

@@ -95,6 +95,9 @@ def core(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def guest_image(request) -> Path:
+    """The image builder's ``built_image`` (or a qcow2 named by ``DEVOPS_TASKS_TEST_IMAGE``)."""
+    if os.environ.get("DEVOPS_TASKS_TEST_IMAGE"):
+        return Path(os.environ["DEVOPS_TASKS_TEST_IMAGE"])
     try:
         image = request.getfixturevalue("built_image")
     except pytest.FixtureLookupError:
@@ -141,6 +144,7 @@ def wait_for(predicate, timeout: float, what: str):
 # -- with a real guest -----------------------------------------------------------------------------
 
 def test_boot_status_ssh_stop(core, guest_image):
+    core.install(guest_image, contract=True)
     before = guest_image.stat()
     done = inv("vm.boot")
     assert done.returncode == 0, done.stderr
