@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,7 @@ from ..fsutil import atomic_write_text, file_lock, fsync_dir
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 10
+WRITEBACK_EVERY = 32 << 20
 MAX_STALLS = 3  # consecutive attempts that received no byte before giving up
 USER_AGENT = "devops-tasks"
 
@@ -90,6 +94,65 @@ def redact(url: str) -> str:
     return parts._replace(query="", fragment="").geturl() if parts.query else url
 
 
+class _Hasher:
+    """sha256 computed on a second thread (hashlib releases the GIL), so hashing overlaps the
+    socket reads and file writes. Chunks are read into a small pool of reusable 1 MiB buffers: at
+    most ``depth`` wait to be hashed, so memory stays flat whatever the file size."""
+
+    def __init__(self, depth: int = 8):
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._free: queue.Queue = queue.Queue()
+        self._allocated = 0
+        self._limit = depth + 2
+        self._thread: Optional[threading.Thread] = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            data, buf = item
+            self._hash.update(data)
+            if buf is not None:
+                self._free.put(buf)
+
+    def buffer(self) -> bytearray:
+        """A free 1 MiB buffer (blocks while the hasher is behind)."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._allocated < self._limit:
+                self._allocated += 1
+                return bytearray(CHUNK)
+            return self._free.get()
+
+    def give_back(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+    def update(self, data, buf: Optional[bytearray] = None) -> None:
+        """Hash ``data``; ``buf`` (the pool buffer under ``data``) returns to the pool afterwards."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
+        self._queue.put((data, buf))
+
+    def close(self) -> None:
+        """Wait until every queued chunk is hashed (and stop the thread)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def reset(self) -> None:
+        self.close()
+        self._hash = hashlib.sha256()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hash.hexdigest()
+
+
 class _Transient(Exception):
     """A failure worth another attempt (cut connection, timeout, 5xx)."""
 
@@ -133,7 +196,7 @@ class _Download:
         self.reauth = reauth
         self.origin = origin(url)
 
-        self.hasher = hashlib.sha256()
+        self.hasher = _Hasher()
         self.offset = 0
         self.total = -1
         self.validator = ""
@@ -147,7 +210,7 @@ class _Download:
         for path in (self.part, self.meta):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        self.hasher = hashlib.sha256()
+        self.hasher.reset()
         self.offset = 0
         self.validator = ""
 
@@ -294,7 +357,7 @@ class _Download:
 
     def _stream(self, resp: requests.Response) -> None:
         try:
-            handle = open(self.part, "ab")
+            handle = open(self.part, "ab", buffering=0)
         except OSError as exc:
             raise ImageError(f"{self.part}: cannot write: {exc.strerror or exc}") from None
         with handle:
@@ -302,32 +365,60 @@ class _Download:
                 handle.truncate(0)
                 self._discard()
                 raise _Transient(f"{self.part}: partial file changed during download")
-            # raw reads: requests' iter_content drops bytes already received when the connection
-            # breaks mid-chunk, and every byte kept here is a byte not fetched again.
-            raw = resp.raw
+            kicked = self.offset
             try:
-                while True:
-                    chunk = raw.read(CHUNK, decode_content=False)
-                    if not chunk:
-                        break
+                for data, buf in self._chunks(resp):
                     try:
-                        handle.write(chunk)
+                        view = memoryview(data)
+                        while view:
+                            view = view[handle.write(view) :]
                     except OSError as exc:
+                        if buf is not None:
+                            self.hasher.give_back(buf)
                         raise ImageError(
                             f"{self.part}: cannot write: {exc.strerror or exc}; "
                             "free some space and run the install again to resume"
                         ) from None
-                    self.hasher.update(chunk)
-                    self.offset += len(chunk)
-                    self.received += len(chunk)
+                    size = len(data)
+                    self.hasher.update(data, buf)
+                    self.offset += size
+                    self.received += size
+                    if self.offset - kicked >= WRITEBACK_EVERY:
+                        _start_writeback(handle.fileno(), kicked, self.offset - kicked)
+                        kicked = self.offset
                     if self.bar is not None:
-                        self.bar.update(len(chunk))
+                        self.bar.update(size)
                     if self.progress is not None:
                         self.progress(self.offset, self.total)
-            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+                    http.client.HTTPException, OSError, ValueError) as exc:
                 raise _Transient(f"{self.shown_url}: {_reason(exc)}") from None
-            finally:
-                handle.flush()
+
+    def _chunks(self, resp: requests.Response):
+        """Body chunks as (data, pool buffer or None), each byte kept even when the connection
+        breaks mid-chunk (requests' iter_content drops a partly received chunk).
+
+        Fast path: read straight from http.client into pooled buffers (one copy from the socket);
+        otherwise urllib3's raw reads."""
+        raw = resp.raw
+        fp = getattr(raw, "_fp", None)
+        if isinstance(fp, http.client.HTTPResponse) and not getattr(raw, "_fp_bytes_read", 0):
+            while True:
+                buf = self.hasher.buffer()
+                try:
+                    count = fp.readinto(buf)
+                except BaseException:
+                    self.hasher.give_back(buf)
+                    raise
+                if not count:
+                    self.hasher.give_back(buf)
+                    return
+                yield memoryview(buf)[:count], buf
+        while True:
+            chunk = raw.read(CHUNK, decode_content=False)
+            if not chunk:
+                return
+            yield chunk, None
 
     # -- progress bar ------------------------------------------------------------------------
     def _bar_update_total(self) -> None:
@@ -359,6 +450,7 @@ class _Download:
                 self._loop()
                 return self._finish()
             finally:
+                self.hasher.close()
                 if self.bar is not None:
                     self.bar.close()
                 if self.own_session:
@@ -423,6 +515,15 @@ class _Download:
         )
 
 
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range to disk now (Linux: POSIX_FADV_DONTNEED starts
+    asynchronous writeback of dirty pages), so the final fsync has little left to wait for."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 def _validator(resp: requests.Response) -> str:
     """A value usable in ``If-Range``: a strong ETag, else Last-Modified, else ''."""
     etag = resp.headers.get("ETag", "").strip()
@@ -433,7 +534,8 @@ def _validator(resp: requests.Response) -> str:
 
 def _reason(exc: BaseException) -> str:
     """A short cause for a requests error, without URLs' query strings or nested reprs."""
-    if isinstance(exc, requests.exceptions.ReadTimeout) or "Read timed out" in str(exc):
+    lowered = str(exc).lower()
+    if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)) or "read timed out" in lowered:
         return "timed out waiting for data"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return "timed out connecting"

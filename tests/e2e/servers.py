@@ -61,7 +61,8 @@ class FileServer:
     * ``answer_416``: how many range requests get a 416;
     * ``bad_content_range``: a range request gets a 206 whose Content-Range starts elsewhere;
     * ``status``: path → forced status (404, 500, ...);
-    * ``stall``: (offset, seconds, times): stop sending at ``offset`` for ``seconds``, ``times`` times;
+    * ``stall``: (offset, seconds, times): stop sending at ``offset`` for ``seconds``, ``times`` times
+      (only for ``stall_path`` when set);
     * ``etag`` / ``last_modified``: send these validators;
     * ``routes``: path → callable(handler) for JSON endpoints and redirects.
 
@@ -78,6 +79,7 @@ class FileServer:
         self.bad_content_range = False
         self.status: dict[str, int] = {}
         self.stall: Optional[list] = None
+        self.stall_path: Optional[str] = None  # None: every file
         self.etag = True
         self.last_modified = True
         self.sent = 0
@@ -194,7 +196,8 @@ class FileServer:
                 if cut is not None:
                     self.cuts.remove(cut)
                 stall = None
-                if self.stall and self.stall[2] > 0 and pos <= self.stall[0] < stop:
+                if (self.stall and self.stall[2] > 0 and pos <= self.stall[0] < stop
+                        and self.stall_path in (None, path)):
                     stall = self.stall[1]
                     self.stall[2] -= 1
             if stall is not None:

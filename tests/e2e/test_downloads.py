@@ -192,6 +192,7 @@ def test_stall_past_read_timeout_recovers(server, monkeypatch):
     data = os.urandom(2 * MiB)
     publish(server, "v1", data)
     server.stall = [MiB, 3.0, 1]
+    server.stall_path = f"/images/{NAME}"
     manager(server).install()
     assert paths.image_path().read_bytes() == data
 
@@ -200,6 +201,7 @@ def test_stalling_server_is_a_clear_error(server, v1_installed, monkeypatch):
     monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "0.3")
     publish(server, "v2", os.urandom(2 * MiB))
     server.stall = [0, 2.0, 100]
+    server.stall_path = f"/images/{NAME}"
     with pytest.raises(SourceError, match="timed out waiting for data"):
         manager(server).install()
     assert installed_state() == v1_installed

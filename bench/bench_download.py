@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Install throughput, memory and resume cost of the verified download, against ``curl -o``.
+
+    .venv/bin/python bench/bench_download.py [--size-mib 1024] [--runs 3] [--dir /dev/shm]
+
+A local server (its own process, ``sendfile``, Range + ETag) serves one random file. Measured:
+
+* throughput: ``ImageManager.install`` from the CDN source (sha256 verified, fsync, rename, manifest)
+  vs ``curl -s -o`` of the same file; ratio = curl time / install time (goal >= 0.9);
+* peak memory: ``ru_maxrss`` of the child process doing the install;
+* resume: the server cuts the connection once at 50%; bytes it sends after the cut / the remainder
+  (goal <= 1.01).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+NAME_ENV = "BENCH_IMAGE_NAME"
+
+
+# -- the server (runs in its own process: `bench_download.py serve FILE PORTFILE`) --------------
+def serve(path: str, portfile: str) -> None:
+    size = os.path.getsize(path)
+    etag = f'"{os.stat(path).st_mtime_ns:x}-{size:x}"'
+    state = {"sent": 0, "cut": -1, "requests": 0}
+    lock = threading.Lock()
+    manifest = Path(path + ".manifest.json").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _small(self, body: bytes, status: int = 200) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):  # /cut?offset=N arms one cut; /reset zeroes the counters
+            if self.path.startswith("/cut"):
+                with lock:
+                    state["cut"] = int(self.path.split("=", 1)[1])
+            elif self.path == "/reset":
+                with lock:
+                    state.update(sent=0, cut=-1, requests=0)
+            self._small(b"ok")
+
+        def do_GET(self):
+            if self.path == "/stats":
+                with lock:
+                    self._small(json.dumps(state).encode())
+                return
+            if self.path.endswith("/manifest.json"):
+                self._small(manifest)
+                return
+            with lock:
+                state["requests"] += 1
+            start, status = 0, 200
+            rng = self.headers.get("Range")
+            if rng and self.headers.get("If-Range", etag) == etag:
+                start, status = int(rng.split("=")[1].split("-")[0]), 206
+            self.send_response(status)
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.send_header("Content-Length", str(size - start))
+            self.send_header("ETag", etag)
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            self.wfile.flush()
+            with lock:
+                cut = state["cut"] if state["cut"] > start else -1
+                if cut > 0:
+                    state["cut"] = -1
+            end = cut if cut > 0 else size
+            out = self.connection.fileno()
+            offset = start
+            with open(path, "rb") as handle:
+                try:
+                    while offset < end:
+                        n = os.sendfile(out, handle.fileno(), offset, min(end - offset, 8 << 20))
+                        if n == 0:
+                            break
+                        offset += n
+                except OSError:
+                    pass
+            with lock:
+                state["sent"] += offset - start
+            if cut > 0:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    Path(portfile + ".tmp").write_text(str(httpd.server_address[1]))
+    os.replace(portfile + ".tmp", portfile)
+    httpd.serve_forever()
+
+
+# -- the install child (`bench_download.py install URL IMAGES_DIR`) -----------------------------
+def install_child(url: str, images_dir: str) -> None:
+    import resource
+
+    os.environ["CORE_IMAGES_DIR"] = images_dir
+    os.environ["CORE_HOME"] = images_dir + "-home"
+    from devops_tasks.config import Config
+    from devops_tasks.images import ImageManager
+
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": url}}})
+    start = time.perf_counter()
+    info = ImageManager(config, echo=lambda _: None, quiet=True).install()
+    elapsed = time.perf_counter() - start
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": elapsed, "maxrss_kib": rss_kib, "sha256": info.sha256}))
+
+
+# -- the bench ----------------------------------------------------------------------------------
+def make_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    block = 16 << 20
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            chunk = os.urandom(min(block, left))
+            handle.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def http(method: str, url: str) -> bytes:
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where the served file and the downloads go "
+                        "(default: the system temp dir; /dev/shm measures the software path without the disk)")
+    args = parser.parse_args()
+
+    curl = shutil.which("curl")
+    if not curl:
+        print("curl is not installed (apt-get install curl)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from devops_tasks.paths import image_name
+
+    name = image_name()
+    size = args.size_mib << 20
+    work = Path(tempfile.mkdtemp(prefix="bench-download-", dir=args.dir))
+    print(f"working in {work}", file=sys.stderr)
+    server = None
+    try:
+        src_dir = work / "www"
+        src_dir.mkdir()
+        src = src_dir / name
+        print(f"making a {args.size_mib} MiB file...", file=sys.stderr)
+        sha = make_file(src, size)
+        (src_dir / (name + ".manifest.json")).write_text(
+            json.dumps({"images": {name: {"version": "bench", "sha256": sha}}})
+        )
+        portfile = work / "port"
+        server = subprocess.Popen([sys.executable, __file__, "serve", str(src), str(portfile)])
+        deadline = time.monotonic() + 10
+        while not portfile.exists():
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the bench server did not start")
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{portfile.read_text()}"
+        url = f"{base}/images"
+
+        def run_curl() -> tuple[float, float]:
+            """(curl -o alone, curl -o plus the fsync a durable install needs)."""
+            out = work / "curl.out"
+            t = time.perf_counter()
+            subprocess.run([curl, "-s", "-f", "-o", str(out), f"{url}/{name}"], check=True)
+            elapsed = time.perf_counter() - t
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            synced = time.perf_counter() - t
+            assert out.stat().st_size == size
+            out.unlink()
+            return elapsed, synced
+
+        def run_install() -> dict:
+            images = work / "images"
+            shutil.rmtree(images, ignore_errors=True)
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, __file__, "install", url, str(images)], capture_output=True, text=True
+            )
+            wall = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise SystemExit(f"install failed: {proc.stderr.strip()[-2000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert result["sha256"] == sha
+            result["wall"] = wall
+            shutil.rmtree(images, ignore_errors=True)
+            return result
+
+
+        curl_times, synced_times, install_times, rss = [], [], [], []
+        run_curl()  # warm the page cache
+        for _ in range(args.runs):
+            plain, synced = run_curl()
+            curl_times.append(plain)
+            synced_times.append(synced)
+            result = run_install()
+            install_times.append(result["seconds"])
+            rss.append(result["maxrss_kib"])
+        best_curl, best_synced, best_install = min(curl_times), min(synced_times), min(install_times)
+        mib = size / (1 << 20)
+
+        def line(label: str, times: list[float]) -> str:
+            best = min(times)
+            runs = ", ".join(f"{t:.2f}" for t in times)
+            return f"{label:<26} best {best:6.2f}s ({mib / best:5.0f} MiB/s)  runs {runs}"
+
+        print(line("curl -o:", curl_times))
+        print(line("curl -o + fsync:", synced_times))
+        print(line("install (sha256, fsync):", install_times))
+        print(f"throughput ratio vs curl -o:         {best_curl / best_install:.2f}  (goal >= 0.9)")
+        print(f"throughput ratio vs curl -o + fsync: {best_synced / best_install:.2f}")
+        print(f"peak memory of the install process: {max(rss) / 1024:.0f} MiB (file {mib:.0f} MiB)")
+
+        # resume after a cut at 50%
+        http("POST", f"{base}/reset")
+        cut = size // 2
+        http("POST", f"{base}/cut?offset={cut}")
+        run_install()
+        stats = json.loads(http("GET", f"{base}/stats"))
+        after_cut = stats["sent"] - cut
+        remainder = size - cut
+        print(
+            f"resume after a cut at 50%: {stats['requests']} requests, {after_cut} bytes sent after the cut "
+            f"for a remainder of {remainder}: ratio {after_cut / remainder:.4f}  (goal <= 1.01)"
+        )
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "install":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        install_child(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(main())
