@@ -178,7 +178,7 @@ class ImageManager:
 
         last: Optional[DevopsError] = None
         for index, src in tried:
-            if src.name() == "build" and last is not None:
+            if src.name() == "build" and index > 0:
                 self.echo("No download source worked; building the image locally instead")
             try:
                 return self._install_from(src, progress)

@@ -420,3 +420,27 @@ def test_running_vms_without_lifecycle(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "devops_tasks.lifecycle", None)  # import → ImportError
     assert image_tasks._running_vms() == []
+
+
+def test_auto_says_when_it_falls_back_to_building():
+    lines = []
+    fakes = [FakeSource("github", available=False), FakeSource("cdn", available=False), FakeSource("build")]
+    assert manager(fakes, echo=lines).install().source == "build"
+    assert lines[0] == "No download source worked; building the image locally instead"
+    lines.clear()
+    manager([FakeSource("build")], source="build", echo=lines).install()
+    assert not any("building the image locally" in line for line in lines)
+
+
+def test_real_sources_are_built_from_config(monkeypatch):
+    """No fakes: auto builds GitHub, CDN, registry and build candidates from the config."""
+    config = Config.from_dict({"images": {"cdn": {"url": "http://127.0.0.1:9/x"},
+                                          "registry": {"image": "127.0.0.1:9/core/devops"}}})
+    kinds = [s.name() for s in ImageManager(config).candidates()]
+    assert kinds == ["github", "cdn", "registry", "build"]
+    assert [s.name() for s in ImageManager(config).candidates("cdn")] == ["cdn"]
+    cfg = ImageManager(config).source_config()
+    assert cfg.cdn_url == "http://127.0.0.1:9/x" and cfg.image_name == paths.image_name()
+    monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "abc")
+    with pytest.raises(ConfigError, match="CORE_HTTP_READ_TIMEOUT"):
+        ImageManager(config).source_config()
