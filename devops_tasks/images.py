@@ -127,14 +127,19 @@ class ImageManager:
     def source_config(self) -> SourceConfig:
         return SourceConfig.from_config(self.config, image_name=self.image_name, quiet=self.quiet)
 
-    def candidates(self, source: str = "") -> list[ImageSource]:
-        """The sources to try for ``source`` (default: ``images.source``), in order."""
+    def source_kind(self, source: str = "") -> str:
+        """``source`` (or ``images.source``) checked against the known kinds."""
         kind = (source or self.config.images.source or "auto").strip().lower()
         if kind not in VALID_SOURCES:
             raise ImageError(
                 f"unknown image source {kind!r} (valid: {', '.join(VALID_SOURCES)}); "
                 "fix --source or images.source in ~/.core/config.yaml"
             )
+        return kind
+
+    def candidates(self, source: str = "") -> list[ImageSource]:
+        """The sources to try for ``source`` (default: ``images.source``), in order."""
+        kind = self.source_kind(source)
         kinds = AUTO_ORDER if kind == "auto" else (kind,)
         if self._sources is not None:
             if kind == "auto":

@@ -444,7 +444,10 @@ class _Download:
     # -- the whole thing ---------------------------------------------------------------------
     def run(self) -> DownloadResult:
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(lock_path(self.dest)):
+        lock = lock_path(self.dest)
+        if _lock_busy(lock):
+            print(f"Waiting for another download of {self.dest.name} to finish...", file=sys.stderr, flush=True)
+        with file_lock(lock):
             try:
                 self._load_part()
                 self._loop()
@@ -513,6 +516,23 @@ class _Download:
             received=self.received,
             attempts=self.attempts,
         )
+
+
+def _lock_busy(lock: Path) -> bool:
+    """True when another process holds ``lock`` now (only used to explain a wait)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:

@@ -58,6 +58,7 @@ def _running_vms() -> list[str]:
 def install(c, source=None, quiet=False):
     """Download and install the dev image (first working source)."""
     images = _manager(c, quiet)
+    images.source_kind(source or "")
     print(f"Image: {images.image_name}")
     if images.is_installed():
         print("Dev environment already installed")
