@@ -231,44 +231,83 @@ def env_exports(env: Optional[Mapping[str, str]]) -> str:
     return "export " + " ".join(parts)
 
 
+# Guest shell functions over the process tree rooted at PID $p: a command started without a pty is
+# not always a process-group leader (dropbear keeps its own group), so the tree is found with ps.
+_TREE_FUNCS = (
+    "tree() { for c in $(ps -o pid= -o ppid= 2>/dev/null | awk -v p=\"$1\" '$2 == p {print $1}'); "
+    "do tree \"$c\"; done; echo \"$1\"; }\n"
+    "sig() { kill -\"$1\" -- -\"$p\" 2>/dev/null || kill -\"$1\" $(tree \"$p\") 2>/dev/null; }\n"
+    "alive() { kill -0 \"$p\" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/\"$p\"/status; }\n"
+)
+
+
+def _end_tree(grace: float) -> str:
+    steps = int(max(1, grace / 0.1))
+    return (
+        "sig TERM; i=0\n"
+        f"while alive && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done\n"
+        "alive && sig KILL\n"
+    )
+
+
 def wrap_command(
-    command: str, cwd: Optional[str] = None, env: Optional[Mapping[str, str]] = None, pidfile: str = ""
+    command: str,
+    cwd: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    pidfile: str = "",
+    watchdog: bool = False,
 ) -> str:
-    """The guest command line: record the shell's PID (for Ctrl-C without a pty), ``cd``, export
-    the env, then run ``command`` in its own ``sh -c`` so an ``exit`` inside it cannot skip the
-    cleanup. The exit status is the command's."""
+    """The guest command line: ``cd``, export the env, then run ``command`` in its own ``sh -c``
+    (an ``exit`` inside it cannot skip the cleanup). The exit status is the command's.
+
+    ``pidfile``: the wrapper's PID is written there, so :func:`kill_script` can end the command
+    from another channel (Ctrl-C without a pty). ``watchdog`` (for commands without a pty): a
+    background reader of the channel's stdin, which only reaches EOF when the client is gone
+    (nothing is sent on it), ends the command's process tree then. Without it a server started by
+    a killed ``serve`` would run on in the guest. (With a pty, the SSH server's hangup does that.)
+    """
     steps = []
     if cwd:
         steps.append(f"cd {shlex.quote(cwd)}")
     exports = env_exports(env)
     if exports:
         steps.append(exports)
-    steps.append(f"sh -c {shlex.quote(command)}")
+    steps.append(f"sh -c {shlex.quote(command)}" + (" </dev/null" if watchdog else ""))
     body = " && ".join(steps)
-    if not pidfile:
+    if not pidfile and not watchdog:
         return body
-    pf = shlex.quote(pidfile)
-    return f"echo $$ >{pf}; {body}; rc=$?; rm -f {pf}; exit $rc"
+    lines = []
+    if pidfile:
+        lines.append(f"echo $$ >{shlex.quote(pidfile)}")
+    if watchdog:
+        lines += [
+            "p=$$",
+            _TREE_FUNCS.rstrip("\n"),
+            "exec 3<&0",
+            "( trap '' TERM; while read -r _; do :; done; " + _end_tree(3.0).replace("\n", "; ")
+            + ") <&3 >/dev/null 2>&1 &",
+            "w=$!",
+            "exec 3<&-",
+        ]
+    lines.append(body)
+    lines.append("rc=$?")
+    if watchdog:
+        lines.append("kill -KILL $w 2>/dev/null")
+    if pidfile:
+        lines.append(f"rm -f {shlex.quote(pidfile)}")
+    lines.append("exit $rc")
+    return "\n".join(lines) + "\n"
 
 
 def kill_script(pidfile: str, grace: float = 3.0) -> str:
-    """Guest script: end the command whose shell wrote ``pidfile`` and everything it started.
-
-    SSH servers start a command without a pty in a new session, so the shell's PID is its process
-    group: TERM the group, wait up to ``grace`` seconds, then KILL it. When the shell is not a
-    group leader, its descendants are found through ``ps`` and signalled one by one.
-    """
+    """Guest script: end the command whose wrapper wrote ``pidfile`` and everything it started
+    (TERM, up to ``grace`` seconds, then KILL)."""
     pf = shlex.quote(pidfile)
-    steps = int(max(1, grace / 0.1))
     return (
         f"[ -f {pf} ] || exit 0; p=$(cat {pf}); rm -f {pf}; [ -n \"$p\" ] || exit 0\n"
-        "tree() { for c in $(ps -o pid= -o ppid= 2>/dev/null | awk -v p=\"$1\" '$2 == p {print $1}'); "
-        "do tree \"$c\"; done; echo \"$1\"; }\n"
-        "sig() { kill -\"$1\" -- -\"$p\" 2>/dev/null || kill -\"$1\" $(tree \"$p\") 2>/dev/null; }\n"
-        "alive() { kill -0 -- -\"$p\" 2>/dev/null || kill -0 \"$p\" 2>/dev/null; }\n"
-        "sig TERM; i=0\n"
-        f"while alive && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done\n"
-        "alive && sig KILL; exit 0\n"
+        + _TREE_FUNCS
+        + _end_tree(grace)
+        + "exit 0\n"
     )
 
 
@@ -302,7 +341,7 @@ def run(
     if pty is None:
         pty = _stdin_interactive()
     pidfile = f"/tmp/.devops-tasks-run.{secrets.token_hex(8)}.pid"
-    line = wrap_command(command, cwd=cwd, env=env, pidfile=pidfile)
+    line = wrap_command(command, cwd=cwd, env=env, pidfile=pidfile, watchdog=not pty)
     kwargs = dict(warn=True, pty=pty, hide=hide, echo=False, timeout=timeout)
     if not pty:
         kwargs["in_stream"] = False
@@ -336,17 +375,19 @@ def capture(conn: "Connection", command: str, timeout: float = 30.0) -> tuple[in
 # --------------------------------------------------------------------------- OpenSSH
 
 
-def control_path(target: Target) -> Optional[Path]:
+def control_path(target: Target, agent: Optional[str] = None) -> Optional[Path]:
     """The OpenSSH master socket for this VM, or None when no safe place exists.
 
     A master (``ControlMaster=auto``, ``ControlPersist``) keeps one authenticated connection per VM
     open, so each later ``shell -- CMD`` opens a channel on it instead of a new TCP + key exchange
     (Lima does the same). It dies with the VM, whose QEMU holds the TCP connection's other end.
     The socket lives in a private folder with a short name (a Unix socket path has ~100 bytes).
+    A master forwards the agent it was started with, so ``agent`` (the socket to forward, or None)
+    is part of the name: with and without an agent are two masters.
     """
     if os.environ.get("CORE_SSH_MULTIPLEX", "1").strip().lower() in ("0", "no", "false", "off"):
         return None
-    key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}"
+    key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}|{agent or ''}"
     name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".sock"
     for base in (os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
         folder = Path(base) / f"devops-tasks-{os.getuid()}" if base else None
@@ -385,7 +426,7 @@ def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = T
         "-o", "LogLevel=ERROR",
         "-p", str(target.port),
     ]
-    control = control_path(target) if multiplex else None
+    control = control_path(target, agent_socket() if forward_agent else None) if multiplex else None
     if control is not None:
         opts += [
             "-o", "ControlMaster=auto",
@@ -429,13 +470,15 @@ def ssh_argv(
 
 
 def close_master(target: Target) -> None:
-    """Ask this VM's OpenSSH master (if any) to exit, e.g. before the VM is stopped."""
-    control = control_path(target)
-    if control is None or not control.exists():
-        return
-    argv = ["ssh", *ssh_options(target), "-O", "exit", f"{target.user}@{target.host}"]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    """Ask this VM's OpenSSH masters (with and without the current agent) to exit."""
+    for agent in {None, agent_socket()}:
+        control = control_path(target, agent)
+        if control is None or not control.exists():
+            continue
+        argv = ["ssh", "-F", "/dev/null", "-o", f"ControlPath={control}", "-p", str(target.port),
+                "-O", "exit", f"{target.user}@{target.host}"]
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
 
 
 def run_foreground(argv: Sequence[str]) -> int:

@@ -11,8 +11,11 @@ Each returns the guest command's exit status. Errors are :class:`DevopsError` su
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from . import guest
 from .errors import GuestError, NotRunningError, ProjectError
@@ -57,6 +60,28 @@ def target(devops: "DevOps") -> guest.Target:
     )
 
 
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end ``test``/``serve`` the way Ctrl-C does (KeyboardInterrupt), so the
+    guest command, the forward and the mount are cleaned up rather than left running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            saved[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # --------------------------------------------------------------------------- shell
 
 
@@ -98,12 +123,12 @@ def test(devops: "DevOps", project_dir: Path | str, opts: TestOptions) -> int:
     command, env = resolve_test_command(root, opts.name, opts.command)
     where = target(devops)
     devops.echo(f"Running tests: {command}")
-    with guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
-        try:
+    try:
+        with stop_signals(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
             return guest.run(conn, command, cwd=GUEST_APP_DIR, env=env)
-        except KeyboardInterrupt:
-            devops.echo("Interrupted")
-            return INTERRUPTED
+    except KeyboardInterrupt:
+        devops.echo("Interrupted")
+        return INTERRUPTED
 
 
 test.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
@@ -128,16 +153,15 @@ def serve(devops: "DevOps", project_dir: Path | str, opts: ServeOptions) -> int:
     where = target(devops)
     listener = guest.bind_local(port)
     try:
-        with guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR), \
+        with stop_signals(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR), \
                 guest.Forward(conn, port, sock=listener):
             listener = None  # the Forward owns it now
             devops.echo(f"Serving {workdir} with: {command}")
             devops.echo(f"http://localhost:{port}")
-            try:
-                return guest.run(conn, command, cwd=workdir, env={"PORT": str(port)})
-            except KeyboardInterrupt:
-                devops.echo("Stopped")
-                return 0
+            return guest.run(conn, command, cwd=workdir, env={"PORT": str(port)})
+    except KeyboardInterrupt:
+        devops.echo("Stopped")
+        return 0
     finally:
         if listener is not None:
             listener.close()

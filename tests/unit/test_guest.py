@@ -7,12 +7,14 @@ and the forward talks to a local echo server through a fake SSH transport.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import stat
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,36 @@ def test_kill_script_ends_the_process_group(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_watchdog_ends_the_command_when_the_client_goes_away(tmp_path, shell):
+    """Without a pty nothing is sent on stdin: its EOF means the SSH client is gone."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell}")
+    marker = tmp_path / "started"
+    line = guest.wrap_command(f"sleep 60 & touch {shlex.quote(str(marker))}; sleep 61", watchdog=True)
+    proc = subprocess.Popen([shell, "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.stdin.close()  # the connection dropped
+        proc.wait(timeout=10)
+        leftovers = sh("ps -eo args | grep -E '^sleep 6[01]$' || true").stdout
+        assert leftovers == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_watchdog_leaves_the_status_and_no_process_behind(tmp_path):
+    line = guest.wrap_command("echo out; echo err >&2; exit 4", cwd=str(tmp_path), env={"A": "1"},
+                              pidfile=str(tmp_path / "pid"), watchdog=True)
+    proc = subprocess.run(["sh", "-c", line], stdin=subprocess.PIPE, capture_output=True, text=True, timeout=10)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (4, "out\n", "err\n")
+    assert not (tmp_path / "pid").exists()
 
 
 def test_kill_script_without_pidfile_is_a_no_op(tmp_path):
@@ -245,7 +277,7 @@ def test_connect_refuses_an_unknown_host(tmp_path):
         transport.add_server_key(host_key)
         try:
             transport.start_server(server=paramiko.ServerInterface())
-            transport.accept(5)
+            transport.accept(0.5)
         except Exception:
             pass
         finally:

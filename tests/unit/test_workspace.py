@@ -7,6 +7,8 @@ errors raised before anything touches the VM, exit statuses, and the words after
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,8 +43,10 @@ def fake(monkeypatch, tmp_path):
     @contextlib.contextmanager
     def session(target, forward_agent=False):
         rec.calls.append(("session", target.port))
-        yield "conn"
-        rec.calls.append(("closed",))
+        try:
+            yield "conn"
+        finally:
+            rec.calls.append(("closed",))
 
     class Mount:
         def __init__(self, conn, host_dir, guest_dir="/app", **kw):
@@ -200,6 +204,21 @@ def test_test_ctrl_c_is_status_130(dev, fake, tmp_path):
     fake.status = KeyboardInterrupt()
     assert dev.test(pytest_project(tmp_path)) == 130
     assert fake.calls[-2:] == [("unmount",), ("closed",)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_test_sigterm_and_sighup_clean_up_like_ctrl_c(dev, fake, tmp_path, signum):
+    fake.status = None
+
+    def run(conn, command, **kw):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not interrupt")
+
+    guest.run = run  # the fixture's monkeypatch restores it
+    before = signal.getsignal(signum)
+    assert dev.test(pytest_project(tmp_path)) == 130
+    assert fake.calls[-2:] == [("unmount",), ("closed",)]
+    assert signal.getsignal(signum) is before
 
 
 # --------------------------------------------------------------------------- serve
