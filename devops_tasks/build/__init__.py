@@ -56,6 +56,7 @@ def build_image(
     output: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     refresh: bool | None = None,
+    force: bool = False,
 ) -> BuildResult:
     """Build the image for ``recipe`` (name, path or :class:`Recipe`).
 
@@ -63,9 +64,9 @@ def build_image(
     manifest (source ``build``, ``guest_contract=1``); with ``output`` it is written there and the
     manifest is left alone. ``log`` receives one-line progress messages. ``refresh``: True fetches
     package lists now, False never (offline), None when older than a day. A rebuild of an unchanged
-    recipe with unchanged package versions reuses the cached image.
+    recipe with unchanged package versions reuses the cached image (``force`` rebuilds it).
     """
     from .builder import build
 
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return build(loaded, output=Path(output) if output is not None else None, log=log, refresh=refresh)
+    return build(loaded, output=Path(output) if output is not None else None, log=log, refresh=refresh, force=force)

@@ -198,14 +198,15 @@ def cached_image(p: Plan) -> tuple[Path, str] | None:
     return None
 
 
-def produce(p: Plan, log: Log) -> tuple[Path, str, bool]:
-    """The cached image for the plan's version, building it first when absent. -> (path, sha256, cached)"""
-    hit = cached_image(p)
+def produce(p: Plan, log: Log, force: bool = False) -> tuple[Path, str, bool]:
+    """The cached image for the plan's version, building it first when absent (or ``force``).
+    -> (path, sha256, cached)"""
+    hit = None if force else cached_image(p)
     if hit:
         return (*hit, True)
     cache = build_cache()
     with file_lock(cache / "build.lock"):
-        hit = cached_image(p)
+        hit = None if force else cached_image(p)
         if hit:
             return (*hit, True)
         _check_space(cache, WORK_SPACE_NEEDED, "building the image")
@@ -259,7 +260,7 @@ def copy_atomic(source: Path, dest: Path) -> None:
 
 
 def build(recipe: Recipe, output: Path | None = None, install: bool = True, refresh: bool | None = None,
-          log: Log | None = None) -> BuildResult:
+          log: Log | None = None, force: bool = False) -> BuildResult:
     """Build (or reuse) the image and deliver it to ``output``, or install it with its manifest entry."""
     from ..manifest import ImageInfo, Manifest
 
@@ -268,7 +269,7 @@ def build(recipe: Recipe, output: Path | None = None, install: bool = True, refr
     require_tools()
     manifest = Manifest.load() if output is None and install else None  # invalid manifest: fail before any change
     p = plan(recipe, refresh=refresh, log=log)
-    image, digest, cached = produce(p, log)
+    image, digest, cached = produce(p, log, force=force)
     if cached:
         log(f"Reusing the cached build of {p.version}")
     target = Path(output) if output is not None else paths.image_path()

@@ -124,16 +124,33 @@ def build_raw(inputs: DiskInputs, raw: Path, work: Path) -> None:
         handle.write(code)
 
 
-def _used_inodes(raw: Path, env: dict) -> list[int]:
-    """In-use inode numbers, from dumpe2fs's per-group free-inode ranges."""
-    out = run(["dumpe2fs", "-o", f"superblock={0}", "-h", str(raw)], "reading the ext4 layout", env=env) if False else None
-    del out
-    return []
+def _used_inodes(fs: str, env: dict) -> list[int]:
+    """In-use inode numbers: all inodes minus dumpe2fs's per-group free ranges."""
+    out = run(["dumpe2fs", fs], "reading the ext4 layout", env=env).stdout.decode()
+    total = int(re.search(r"^Inode count:\s+(\d+)", out, re.M).group(1))
+    used = bytearray(b"\1") * (total + 1)
+    used[0] = 0
+    for ranges in re.findall(r"^\s+Free inodes: (.*)$", out, re.M):
+        for item in filter(None, (part.strip() for part in ranges.split(","))):
+            first, _, last = item.partition("-")
+            for ino in range(int(first), int(last or first) + 1):
+                used[ino] = 0
+    return [ino for ino in range(1, total + 1) if used[ino]]
 
 
 def _fix_ext4(raw: Path, work: Path, epoch: int, env: dict) -> None:
-    """Placeholder: timestamps mke2fs copies from the host (ctime) are reset by debugfs."""
-    return None
+    """mke2fs -d copies each host file's ctime (the time it was unpacked, never settable from user
+    space) and atime (reading the staging tree moves it): reset both to the fixed epoch on every
+    used inode (root and 11+; 1-10 are reserved)."""
+    fs = f"{raw}?offset={ROOT_START}"
+    commands = "".join(f"sif <{ino}> ctime @{epoch}\nsif <{ino}> atime @{epoch}\n"
+                       for ino in _used_inodes(fs, env) if ino == 2 or ino >= 11)
+    script = work / "debugfs.cmds"
+    script.write_text(commands)
+    result = run(["debugfs", "-w", "-f", str(script), fs], "fixing ext4 timestamps", env=env, space_dir=raw.parent)
+    errors = [line for line in result.stderr.decode().splitlines() if line.strip() and not line.startswith("debugfs ")]
+    if errors:
+        raise ImageError(f"fixing ext4 timestamps: debugfs: {errors[0]}")
 
 
 def to_qcow2(raw: Path, out: Path) -> None:

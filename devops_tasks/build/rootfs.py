@@ -166,7 +166,8 @@ _NO_BYTECODE = r"/(test|tests|idlelib|tkinter|lib2to3|turtledemo|ensurepip)/"
 def compile_python(root: Path) -> None:
     """Byte-compile the guest's Python with the guest's own interpreter (through its own dynamic
     loader, on the host): without .pyc files ``python3 -m pytest`` spends ~15 s compiling under TCG.
-    One process, sorted order, timestamp mode (sources carry the fixed epoch): byte-identical."""
+    One process, sorted order, timestamp mode (sources carry the fixed epoch), and -B so the modules
+    compileall itself imports are not cached with the staging path in them: byte-identical."""
     interpreters = sorted(p for p in (root / "usr/bin").glob("python3.[0-9]*") if p.name.count(".") == 1)
     loader = root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
     if not interpreters or not loader.is_file():
@@ -174,7 +175,7 @@ def compile_python(root: Path) -> None:
     python = interpreters[-1]
     libs = f"{root}/lib/x86_64-linux-gnu:{root}/usr/lib/x86_64-linux-gnu"
     targets = [str(d) for d in (root / "usr/lib" / python.name, root / "usr/lib/python3/dist-packages") if d.is_dir()]
-    run([str(loader), "--library-path", libs, str(python), "-I", "-m", "compileall", "-q", "-j1",
+    run([str(loader), "--library-path", libs, str(python), "-I", "-B", "-m", "compileall", "-f", "-q", "-j1",
          "-s", str(root), "-p", "/", "-x", _NO_BYTECODE, *targets],
         "byte-compiling the guest's Python", env={"PYTHONHASHSEED": "0"}, space_dir=root)
 

@@ -19,6 +19,7 @@ HOST_TOOLS: dict[str, str] = {
     "dpkg-deb": "dpkg",
     "mkfs.ext4": "e2fsprogs",
     "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "syslinux": "syslinux",
