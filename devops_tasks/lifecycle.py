@@ -52,6 +52,7 @@ def boot(devops, opts: BootOptions) -> DevStatus:
     """Start the VM and return once it accepts SSH with its pinned host key."""
     name = opts.name or devops.name
     vm = VMDir(name)
+    devops.name = name  # later stop/status/shell calls on this facade mean the VM it booted
     image = paths.image_path()
     if not image.is_file():
         raise VMError(NOT_INSTALLED)
@@ -82,9 +83,10 @@ def boot(devops, opts: BootOptions) -> DevStatus:
         login_key = hostkeys.ensure_login_key()
         host_key = hostkeys.ensure_key(vm.host_key, f"devops-tasks-{name}")
         disk.rotate_log(vm.serial_log)
-        record = _start(vm, opts, devops.config.vm.ssh_port, image, binary, arch, accel, contract,
-                        host_key, login_key)
+        record = None
         try:
+            record = _start(vm, opts, devops.config.vm.ssh_port, image, binary, arch, accel, contract,
+                            host_key, login_key)
             _wait_ready(devops, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
