@@ -54,9 +54,9 @@ def boot(devops, opts: BootOptions) -> DevStatus:
     vm = VMDir(name)
     devops.name = name  # later stop/status/shell calls on this facade mean the VM it booted
     image = paths.image_path()
-    if not image.is_file():
-        raise VMError(NOT_INSTALLED)
     info = Manifest.load().get(paths.image_name())
+    if not image.is_file() or info is None:  # as ImageManager.is_installed: file *and* manifest entry
+        raise VMError(NOT_INSTALLED)
     contract = bool(info and info.guest_contract)
     arch = image_arch(image)
     binary = qemu_binary(arch)
@@ -96,7 +96,7 @@ def boot(devops, opts: BootOptions) -> DevStatus:
     devops.echo("Dev environment running")
     devops.echo("Connect with: inv shell")
     devops.echo(f"SSH port: {record.ssh_port}")
-    return _status_from(record, installed=True, version=info.version if info else "")
+    return _status_from(record, installed=True, version=info.version)
 
 
 def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary: str, arch: str,
@@ -329,8 +329,8 @@ def is_running(devops) -> bool:
 
 
 def status(devops) -> DevStatus:
-    installed = paths.image_path().is_file()
     info = Manifest.load().get(paths.image_name())
+    installed = paths.image_path().is_file() and info is not None
     version = info.version if info else ""
     record = live_record(devops.name)
     if record is None:
