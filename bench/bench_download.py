@@ -124,11 +124,13 @@ def install_child(url: str, images_dir: str) -> None:
     from devops_tasks.images import ImageManager
 
     config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": url}}})
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     info = ImageManager(config, echo=lambda _: None, quiet=True).install()
     elapsed = time.perf_counter() - start
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": elapsed, "maxrss_kib": rss_kib, "sha256": info.sha256}))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(json.dumps({"seconds": elapsed, "cpu": cpu, "maxrss_kib": after.ru_maxrss, "sha256": info.sha256}))
 
 
 # -- the bench ----------------------------------------------------------------------------------
@@ -192,12 +194,19 @@ def main() -> int:
         base = f"http://127.0.0.1:{portfile.read_text()}"
         url = f"{base}/images"
 
+        curl_cpu: list[float] = []
+
         def run_curl() -> tuple[float, float]:
             """(curl -o alone, curl -o plus the fsync a durable install needs)."""
+            import resource
+
             out = work / "curl.out"
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
             subprocess.run([curl, "-s", "-f", "-o", str(out), f"{url}/{name}"], check=True)
             elapsed = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            curl_cpu.append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
             fd = os.open(out, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
@@ -223,14 +232,16 @@ def main() -> int:
             return result
 
 
-        curl_times, synced_times, install_times, rss = [], [], [], []
+        curl_times, synced_times, install_times, install_cpu, rss = [], [], [], [], []
         run_curl()  # warm the page cache
+        curl_cpu.clear()
         for _ in range(args.runs):
             plain, synced = run_curl()
             curl_times.append(plain)
             synced_times.append(synced)
             result = run_install()
             install_times.append(result["seconds"])
+            install_cpu.append(result["cpu"])
             rss.append(result["maxrss_kib"])
         best_curl, best_synced, best_install = min(curl_times), min(synced_times), min(install_times)
         mib = size / (1 << 20)
@@ -245,6 +256,10 @@ def main() -> int:
         print(line("install (sha256, fsync):", install_times))
         print(f"throughput ratio vs curl -o:         {best_curl / best_install:.2f}  (goal >= 0.9)")
         print(f"throughput ratio vs curl -o + fsync: {best_synced / best_install:.2f}")
+        print(f"CPU seconds per GiB: curl {min(curl_cpu) / (mib / 1024):.2f}, install {min(install_cpu) / (mib / 1024):.2f} "
+              "(the install also hashes every byte)")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"machine load average during the bench: {load:.1f} on {os.cpu_count()} CPUs")
         print(f"peak memory of the install process: {max(rss) / 1024:.0f} MiB (file {mib:.0f} MiB)")
 
         # resume after a cut at 50%

@@ -273,7 +273,10 @@ class _Download:
                 raise _Transient(f"{redact(url)}: {_reason(exc)}") from None
             if resp.status_code in _REDIRECTS and resp.headers.get("Location"):
                 resp.close()
-                url = urljoin(url, resp.headers["Location"])
+                target = urljoin(url, resp.headers["Location"])
+                if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                    raise SourceError(f"{redact(url)}: refusing a redirect from https to {redact(target)}")
+                url = target
                 continue
             if resp.status_code == 401 and same_origin and self.reauth is not None and not reauthed:
                 new = self.reauth(resp)
