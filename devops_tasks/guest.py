@@ -134,9 +134,14 @@ def connect(
     raises, nothing is ever added); only ``target.identity`` is offered; no SSH or Fabric config
     file is read.
     """
+    import logging
+
     import paramiko
     from fabric import Config, Connection
 
+    # Paramiko logs refused forward channels and similar at ERROR; Python's last-resort handler
+    # would print them on stderr. Errors that matter are raised and reported by this module.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
     check_target(target)
     config = Config(
         lazy=True,  # no /etc/fabric.yaml, ~/.fabric.yaml
@@ -280,11 +285,12 @@ def wrap_command(
     if pidfile:
         lines.append(f"echo $$ >{shlex.quote(pidfile)}")
     if watchdog:
+        cleanup = f"rm -f {shlex.quote(pidfile)}; " if pidfile else ""
         lines += [
             "p=$$",
             _TREE_FUNCS.rstrip("\n"),
             "exec 3<&0",
-            "( trap '' TERM; while read -r _; do :; done; " + _end_tree(3.0).replace("\n", "; ")
+            "( trap '' TERM; while read -r _; do :; done; " + cleanup + _end_tree(3.0).replace("\n", "; ")
             + ") <&3 >/dev/null 2>&1 &",
             "w=$!",
             "exec 3<&-",
@@ -331,9 +337,11 @@ def run(
 ) -> int:
     """Run ``command`` (a shell command line) in the guest, stream its output, return its status.
 
-    ``pty`` None means "like ssh": a pty when stdin and stdout are terminals. With a pty, Ctrl-C is
-    passed to the guest as ^C and stdin is forwarded; without one, stdin is not read and Ctrl-C
-    kills the command's process group in the guest, then raises KeyboardInterrupt here.
+    ``pty`` None means "like ssh": a pty when stdin and stdout are terminals. With a pty, stdin is
+    forwarded and Ctrl-C reaches the guest as ^C (the program decides; its status is returned).
+    Without one, stdin is not read, and Ctrl-C, SIGTERM or SIGHUP end the command's process tree in
+    the guest, then raise KeyboardInterrupt here. (Invoke cannot be interrupted there itself: it
+    waits for the remote output to end before it lets a KeyboardInterrupt through.)
     An exit without status (the connection dropped) is 255, as in ssh.
     """
     from invoke.exceptions import CommandTimedOut
@@ -349,21 +357,60 @@ def run(
         kwargs["out_stream"] = out_stream
     if err_stream is not None:
         kwargs["err_stream"] = err_stream
+    stopping = threading.Event()
+
+    def stop(signum=None, frame=None) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=kill_remote, args=(conn, pidfile), daemon=True).start()
+
+    signals = ["SIGTERM", "SIGHUP"] if pty else ["SIGINT", "SIGTERM", "SIGHUP"]
     try:
-        result = conn.run(line, **kwargs)
-    except KeyboardInterrupt:
-        _kill_quietly(conn, pidfile)
+        with _signal_handlers(signals, stop):
+            result = conn.run(line, **kwargs)
+    except KeyboardInterrupt:  # with a pty, Invoke sends ^C itself and raises only when it gives up
+        kill_remote(conn, pidfile)
         raise
     except CommandTimedOut:
-        _kill_quietly(conn, pidfile)
+        kill_remote(conn, pidfile)
         raise GuestError(f"command timed out after {timeout} s: {command}") from None
+    if stopping.is_set():
+        raise KeyboardInterrupt
     code = result.exited
     return 255 if code is None or code < 0 else int(code)
 
 
-def _kill_quietly(conn: "Connection", pidfile: str) -> None:
+@contextlib.contextmanager
+def _signal_handlers(names: Sequence[str], handler: Callable) -> Iterator[None]:
+    """Install ``handler`` for these signals (main thread only; ignored signals stay ignored)."""
+    import signal
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+
+
+def kill_remote(conn: "Connection", pidfile: str, timeout: float = 15.0) -> None:
+    """End the command that wrote ``pidfile`` (see :func:`kill_script`); errors are ignored.
+
+    A channel of its own, so it works while another thread waits in ``conn.run``.
+    """
     with contextlib.suppress(Exception):
-        conn.run(kill_script(pidfile), warn=True, hide=True, in_stream=False, timeout=15)
+        chan = conn.client.get_transport().open_session(timeout=timeout)
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(kill_script(pidfile))
+            chan.recv_exit_status()
+        finally:
+            chan.close()
 
 
 def capture(conn: "Connection", command: str, timeout: float = 30.0) -> tuple[int, str, str]:
