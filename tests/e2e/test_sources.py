@@ -231,6 +231,7 @@ def test_registry_reference_parsing():
 
 
 @needs_registry
+@pytest.mark.skipif(shutil.which("htpasswd") is None, reason="htpasswd (apache2-utils) not installed")
 def test_registry_basic_auth(tmp_path, monkeypatch):
     htpasswd = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True, text=True, check=True)
     (tmp_path / "htpasswd").write_text(htpasswd.stdout)
