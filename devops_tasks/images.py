@@ -45,7 +45,7 @@ class PruneResult:
     skipped: list[str]
 
 
-def _make_source(kind: str, cfg: SourceConfig) -> ImageSource:
+def _make_source(kind: str, cfg: SourceConfig, echo: Optional[Echo] = None) -> ImageSource:
     """The real source called ``kind`` (imported on first use: requests stays unloaded until then)."""
     if kind == "github":
         from .sources.github import GitHubSource
@@ -66,7 +66,10 @@ def _make_source(kind: str, cfg: SourceConfig) -> ImageSource:
             if exc.name != "devops_tasks.sources.build":
                 raise
             return _Missing("build", "the local image builder is not part of this installation")
-        return BuildSource(cfg)
+        try:
+            return BuildSource(cfg, log=echo)  # the builder's one-line progress messages
+        except TypeError:
+            return BuildSource(cfg)
     raise ImageError(f"unknown image source {kind!r} (valid: {', '.join(VALID_SOURCES)})")
 
 
@@ -146,7 +149,7 @@ class ImageManager:
                 return list(self._sources)
             return [s for s in self._sources if s.name() == kind]
         cfg = self.source_config()
-        return [_make_source(k, cfg) for k in kinds]
+        return [_make_source(k, cfg, self.echo) for k in kinds]
 
     # -- state -------------------------------------------------------------------------------
     def manifest(self) -> Manifest:
