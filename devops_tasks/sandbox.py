@@ -1,0 +1,389 @@
+"""``claude``: Claude Code in the VM, with exactly the credentials asked for (what :class:`DevOps` delegates to).
+
+People run a coding agent in a VM so it can do what it likes to the VM and nothing else, so what
+reaches the guest is exactly what was asked for, and the printed ``Auth forwarded:`` line is the
+truth:
+
+* ``ssh``: agent forwarding for this session only (and only when the host has an agent).
+* ``gh``: the host's ``~/.config/gh`` copied to ``/root/.config/gh`` (modes kept), as a tar stream
+  on an SSH channel's stdin; removed before every run (so a copy never outlives the run that asked
+  for it) and after it.
+* ``anthropic``: ``ANTHROPIC_API_KEY``; ``git``: ``GIT_AUTHOR_*``/``GIT_COMMITTER_*`` from the host's
+  ``git config user.name/user.email``. These reach the environment of the claude process only.
+
+Secrets never travel in an argv (the host's ``ssh`` command line and the guest's ``sh -c`` line are
+visible in ``ps``): the values go over an SSH channel's stdin into a mode-600 file on the guest's
+tmpfs (``/run``), which the wrapper sources and deletes before it ``exec``s claude; it is deleted
+again after the run and at the start of the next one. Nothing here prints or logs a value.
+
+The session itself is OpenSSH (like ``shell``): a real terminal (``-t``) when stdin and stdout are
+terminals, otherwise a non-interactive run. The project is mounted at ``/app`` over a Fabric
+connection for as long as claude runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import shlex
+import stat
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence
+
+from . import guest
+from .errors import DevopsError, GuestError
+from .options import ClaudeOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fabric import Connection
+
+    from .devops import DevOps
+
+AUTH_KINDS = ("ssh", "gh", "anthropic", "git")
+LABELS = {"ssh": "SSH agent", "gh": "gh", "anthropic": "anthropic", "git": "git"}
+
+GUEST_GH_DIR = "/root/.config/gh"
+GUEST_SECRETS_DIR = "/run/devops-tasks-claude"  # tmpfs in the guest: never on the VM's disk
+NOT_INSTALLED_STATUS = 42
+
+NOT_INSTALLED = (
+    "claude is not installed in the VM image: build an image whose recipe installs it "
+    "(e.g. the npm package @anthropic-ai/claude-code), or install it in the running VM with "
+    "'inv shell -- npm install -g @anthropic-ai/claude-code'"
+)
+
+GitConfigReader = Callable[[str], str]
+
+
+class AuthError(DevopsError):
+    """Bad ``--auth`` input."""
+
+
+# --------------------------------------------------------------------------- pure part
+
+
+def split_auth(values: Iterable[str] | str | None) -> list[str]:
+    """``--auth`` values (the flag repeated, each maybe a comma list) → kind words, in order."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    words: list[str] = []
+    for value in values:
+        for word in str(value).split(","):
+            word = word.strip().lower()
+            if word:
+                words.append(word)
+    return words
+
+
+def resolve_auth(opts: ClaudeOptions) -> list[str]:
+    """The kinds to forward, in :data:`AUTH_KINDS` order: all by default, none with ``no_auth``.
+
+    An unknown kind is an error naming the valid ones; ``no_auth`` with ``auth`` is a contradiction.
+    """
+    words = split_auth(opts.auth)
+    unknown = [w for w in words if w not in AUTH_KINDS]
+    if unknown:
+        raise AuthError(
+            f"unknown auth kind{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(w) for w in dict.fromkeys(unknown))} (valid: {', '.join(AUTH_KINDS)})"
+        )
+    if opts.no_auth:
+        if words:
+            raise AuthError("--no-auth forwards nothing: do not combine it with --auth")
+        return []
+    if not words:
+        return list(AUTH_KINDS)
+    return [kind for kind in AUTH_KINDS if kind in words]
+
+
+@dataclass
+class Credentials:
+    """What one run forwards. ``env`` holds secrets: never print it or put it in an argv."""
+
+    kinds: list[str] = field(default_factory=list)  # forwarded, AUTH_KINDS order
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    gh_dir: Optional[Path] = None
+    agent: bool = False
+    notes: list[str] = field(default_factory=list)  # one per requested kind the host had nothing for
+
+    def summary(self) -> str:
+        return "Auth forwarded: " + (", ".join(LABELS[k] for k in self.kinds) or "(none)")
+
+
+def host_git_config(key: str, cwd: Optional[Path] = None) -> str:
+    """``git config --get KEY`` on the host ("" when unset or git is missing)."""
+    try:
+        result = subprocess.run(
+            ["git", "config", "--get", key], cwd=cwd, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=15,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        for _, _, files in os.walk(folder):
+            if files:
+                return True
+    except OSError:
+        return False
+    return False
+
+
+def gather_credentials(
+    kinds: Sequence[str],
+    environ: Mapping[str, str],
+    home: Path,
+    git_config_reader: GitConfigReader,
+) -> Credentials:
+    """Read on the host what ``kinds`` ask for; a kind the host has nothing for gets a note instead."""
+    creds = Credentials()
+    for kind in kinds:
+        if kind == "ssh":
+            if guest.agent_socket(environ) is not None:
+                creds.agent = True
+                creds.kinds.append(kind)
+            else:
+                creds.notes.append("SSH agent: no agent on this machine (SSH_AUTH_SOCK is not a socket)")
+        elif kind == "gh":
+            folder = Path(home) / ".config" / "gh"
+            if folder.is_dir() and _has_files(folder):
+                creds.gh_dir = folder
+                creds.kinds.append(kind)
+            else:
+                creds.notes.append(f"gh: no gh config on this machine ({folder})")
+        elif kind == "anthropic":
+            key = environ.get("ANTHROPIC_API_KEY", "")
+            if key:
+                creds.env["ANTHROPIC_API_KEY"] = key
+                creds.kinds.append(kind)
+            else:
+                creds.notes.append("anthropic: ANTHROPIC_API_KEY is not set")
+        elif kind == "git":
+            name = git_config_reader("user.name")
+            email = git_config_reader("user.email")
+            if name:
+                creds.env["GIT_AUTHOR_NAME"] = creds.env["GIT_COMMITTER_NAME"] = name
+            if email:
+                creds.env["GIT_AUTHOR_EMAIL"] = creds.env["GIT_COMMITTER_EMAIL"] = email
+            if name or email:
+                creds.kinds.append(kind)
+            else:
+                creds.notes.append("git: no user.name or user.email in the host's git config")
+        else:  # pragma: no cover - resolve_auth validated
+            raise AuthError(f"unknown auth kind {kind!r} (valid: {', '.join(AUTH_KINDS)})")
+    return creds
+
+
+def env_file_text(env: Mapping[str, str]) -> str:
+    """``export NAME='value'`` lines for ``.`` in the guest's sh (values shell-quoted)."""
+    lines = []
+    for key, value in env.items():
+        if not key.isidentifier() or not key.isascii():
+            raise GuestError(f"invalid environment variable name {key!r}")
+        if "\0" in value:
+            raise GuestError(f"the value of {key} holds a NUL byte and cannot be forwarded")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def gh_tar(folder: Path) -> bytes:
+    """``folder`` as a tar stream whose entries are ``gh/...`` owned by root, modes kept.
+
+    Regular files and directories only (a symlink could point anywhere on the host).
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(path: Path, arcname: str) -> None:
+            info = os.lstat(path)
+            entry = tarfile.TarInfo(arcname)
+            entry.mode = stat.S_IMODE(info.st_mode)
+            entry.mtime = int(info.st_mtime)
+            entry.uid = entry.gid = 0
+            entry.uname = entry.gname = "root"
+            if stat.S_ISDIR(info.st_mode):
+                entry.type = tarfile.DIRTYPE
+                tar.addfile(entry)
+                for child in sorted(os.listdir(path)):
+                    add(path / child, f"{arcname}/{child}")
+            elif stat.S_ISREG(info.st_mode):
+                entry.size = info.st_size
+                with open(path, "rb") as handle:
+                    tar.addfile(entry, handle)
+
+        try:
+            add(Path(folder), "gh")
+        except OSError as exc:
+            raise GuestError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}") from None
+    return buffer.getvalue()
+
+
+def claude_words(model: str = "") -> list[str]:
+    words = ["claude"]
+    if model:
+        words += ["--model", model]
+    return words
+
+
+def wrapper_script(env_file: str, model: str = "", workdir: str = guest.GUEST_APP_DIR) -> str:
+    """The guest ``sh`` script: load and delete the env file (when given), cd, exec claude.
+
+    Holds the file's name, never a value.
+    """
+    lines = []
+    if env_file:
+        f = shlex.quote(env_file)
+        lines.append(f"if [ -f {f} ]; then . {f}; rm -f {f}; fi")
+    lines.append(f"cd {shlex.quote(workdir)} || exit 1")
+    lines.append("exec " + shlex.join(claude_words(model)))
+    return "\n".join(lines) + "\n"
+
+
+def prepare_script() -> str:
+    """Guest script before a run: nothing of an earlier run lingers; is claude there?"""
+    return (
+        f"rm -rf {shlex.quote(GUEST_GH_DIR)} {shlex.quote(GUEST_SECRETS_DIR)}\n"
+        f"command -v claude >/dev/null 2>&1 || exit {NOT_INSTALLED_STATUS}\n"
+    )
+
+
+def cleanup_script(env_file: str = "") -> str:
+    parts = [f"rm -rf {shlex.quote(GUEST_GH_DIR)}"]
+    if env_file:
+        parts.append(f"rm -f {shlex.quote(env_file)}")
+    return "; ".join(parts) + "\n"
+
+
+def _interactive() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- guest part
+
+
+def feed(conn: "Connection", command: str, data: bytes, timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``command`` in the guest with ``data`` on its stdin; (status, stderr).
+
+    The data never appears in an argv, a log or a message.
+    """
+    transport = conn.client.get_transport()
+    if transport is None:  # pragma: no cover - the session is open
+        raise GuestError("the SSH connection to the VM is closed")
+    chan = transport.open_session(timeout=timeout)
+    try:
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        chan.sendall(data)
+        chan.shutdown_write()
+        errors = b""
+        while True:
+            chunk = chan.recv_stderr(4096)
+            if not chunk:
+                break
+            errors += chunk[: max(0, 2000 - len(errors))]
+        while chan.recv(4096):
+            pass
+        code = chan.recv_exit_status()
+    except OSError as exc:  # socket.timeout included
+        raise GuestError(f"talking to the VM failed: {exc.strerror or exc or type(exc).__name__}") from None
+    finally:
+        chan.close()
+    return code, errors.decode("utf-8", "replace").strip()
+
+
+def install_gh(conn: "Connection", folder: Path) -> None:
+    command = "umask 077; mkdir -p /root/.config && tar -x -p -f - -C /root/.config"
+    code, errors = feed(conn, command, gh_tar(folder))
+    if code != 0:
+        raise GuestError(f"copying the gh config to {GUEST_GH_DIR} in the VM failed: {errors or f'status {code}'}")
+
+
+def install_env(conn: "Connection", env: Mapping[str, str]) -> str:
+    """Write ``env`` to a fresh mode-600 file on the guest's tmpfs; its path."""
+    path = f"{GUEST_SECRETS_DIR}/{secrets.token_hex(8)}.env"
+    command = (
+        f"umask 077; mkdir -p {shlex.quote(GUEST_SECRETS_DIR)} && chmod 700 {shlex.quote(GUEST_SECRETS_DIR)}"
+        f" && cat > {shlex.quote(path)}"
+    )
+    code, errors = feed(conn, command, env_file_text(env).encode("utf-8"))
+    if code != 0:
+        raise GuestError(f"passing the credentials to the VM failed: {errors or f'status {code}'}")
+    return path
+
+
+def _project_dir(project_dir: Path | str) -> Path:
+    from .errors import ProjectError
+
+    path = Path(project_dir).expanduser()
+    if not path.is_dir():
+        raise ProjectError(f"project directory {path} does not exist")
+    return path.resolve()
+
+
+def claude(
+    devops: "DevOps",
+    project_dir: Path | str,
+    opts: ClaudeOptions,
+    environ: Optional[Mapping[str, str]] = None,
+    home: Optional[Path] = None,
+    git_config_reader: Optional[GitConfigReader] = None,
+    interactive: Optional[bool] = None,
+) -> int:
+    """Run claude in the VM in ``/app`` (the project mounted) with the asked-for credentials.
+
+    Boots the VM when it is not running. Returns claude's exit status.
+    """
+    from . import workspace
+
+    kinds = resolve_auth(opts)  # bad input fails before anything starts
+    root = _project_dir(project_dir)
+    environ = os.environ if environ is None else environ
+    home = Path(environ.get("HOME") or Path.home()) if home is None else Path(home)
+    reader = git_config_reader or (lambda key: host_git_config(key, cwd=root))
+    if not devops.is_running():
+        devops.echo("Dev environment not running, booting...")
+        devops.boot()
+    creds = gather_credentials(kinds, environ, home, reader)
+    where = workspace.target(devops)
+    guest.check_target(where)
+    tty = _interactive() if interactive is None else interactive
+    env_file = ""
+    try:
+        with workspace.stop_signals(), guest.session(where) as conn:
+            try:
+                code, _, _ = guest.capture(conn, prepare_script(), timeout=30)
+                if code == NOT_INSTALLED_STATUS:
+                    raise GuestError(NOT_INSTALLED)
+                if code != 0:
+                    raise GuestError(f"preparing the VM for claude failed (status {code})")
+                with guest.Mount(conn, root, guest.GUEST_APP_DIR):
+                    if creds.gh_dir is not None:
+                        install_gh(conn, creds.gh_dir)
+                    if creds.env:
+                        env_file = install_env(conn, creds.env)
+                    devops.echo(creds.summary())
+                    for note in creds.notes:
+                        devops.echo(f"Not forwarded: {note}")
+                    script = wrapper_script(env_file, opts.model)
+                    argv = guest.ssh_argv(where, ["sh", "-c", script], forward_agent=creds.agent, tty=tty)
+                    return guest.run_foreground(argv)
+            finally:
+                with contextlib.suppress(Exception):
+                    guest.capture(conn, cleanup_script(env_file), timeout=15)
+    except KeyboardInterrupt:
+        devops.echo("Interrupted")
+        return workspace.INTERRUPTED
