@@ -1,0 +1,30 @@
+#!/bin/sh
+# Stand-in for Claude Code in the e2e tests: records what it received, inside the guest, in
+# /tmp/claude-stub.txt (written whole when the run ends). When /app/.claude-stub-wait exists it
+# waits (up to 60 s) for /app/.claude-stub-go first, so the test can look at the host meanwhile.
+# Exits with the number in /app/.claude-stub-exit when that exists, else 0.
+out=/tmp/claude-stub.txt
+{
+    echo "== args"
+    for a in "$@"; do echo "arg:$a"; done
+    echo "== pwd"
+    echo "pwd:$(pwd)"
+    echo "== tty"
+    if [ -t 0 ]; then echo "tty:yes"; else echo "tty:no"; fi
+    echo "== agent"
+    ssh-add -l >/dev/null 2>&1
+    echo "agent-rc:$?"
+    echo "== gh"
+    if [ -e /root/.config/gh ]; then
+        find /root/.config/gh | sort | while read -r f; do echo "gh:$(stat -c '%a %u' "$f") $f"; done
+    fi
+    echo "== env"
+    env | sort | sed 's/^/env:/'
+} > "$out.tmp" 2>&1
+if [ -e /app/.claude-stub-wait ]; then
+    i=0
+    while [ ! -e /app/.claude-stub-go ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+fi
+mv "$out.tmp" "$out"
+[ -f /app/.claude-stub-exit ] && exit "$(cat /app/.claude-stub-exit)"
+exit 0
