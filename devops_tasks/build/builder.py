@@ -141,6 +141,8 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     log(f"Unpacking {len(p.packages)} packages and kernel {p.kernel.name}")
     kernel_root = work / "kernel"
     rootfs.extract([debs[p.kernel]], kernel_root)
+    tree = KernelTree(kernel_root)
+    modules = tree.load_order(recipe.modules)  # an unknown module fails here, before the slow part
     root = work / "root"
     rootfs.extract([debs[pkg] for pkg in p.packages], root, jobs=max(2, os.cpu_count() or 2))
     epoch = rootfs.newest_mtime(root)
@@ -154,8 +156,6 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     busybox = root / "bin/busybox"
     if not _is_static(busybox.resolve()):
         raise ImageError(f"{recipe.path}: /bin/busybox is not static: use the busybox-static package")
-    tree = KernelTree(kernel_root)
-    modules = tree.load_order(recipe.modules)
     needed = rootfs.tree_size(root) * 5 // 4 + (64 << 20)
     if needed > recipe.disk_size - disk.ROOT_START:
         raise ImageError(f"{recipe.path}: disk_size {recipe.disk_size >> 20}M is too small for the root file "
@@ -276,9 +276,12 @@ def build(recipe: Recipe, output: Path | None = None, install: bool = True, refr
     if output is not None or install:
         copy_atomic(image, target)
     if manifest is not None:
-        manifest.set(paths.image_name(), ImageInfo(version=p.version, source="build", sha256=digest,
-                                                   guest_contract=GUEST_CONTRACT))
-        manifest.save()
+        # same lock as the ImageManager: read-modify-write, then an atomic save (manifest last)
+        with file_lock(paths.manifest_path().with_name(paths.manifest_path().name + ".lock")):
+            manifest = Manifest.load()
+            manifest.set(paths.image_name(), ImageInfo(version=p.version, source="build", sha256=digest,
+                                                       guest_contract=GUEST_CONTRACT))
+            manifest.save()
     return BuildResult(path=target if (output is not None or install) else image, version=p.version,
                        sha256=digest, size=image.stat().st_size, cached=cached,
                        seconds=time.monotonic() - start, packages=[*p.packages, p.kernel])

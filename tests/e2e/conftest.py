@@ -1,0 +1,50 @@
+"""Shared end-to-end fixtures.
+
+``built_image`` (session scope) builds the ``minimal`` recipe once per test run and returns the
+path of a private copy of the image (a ``Path``; boot it on an overlay, never write it). The .deb
+and image cache is ``$CORE_CACHE_DIR`` when the runner set it, else the stable
+``/var/tmp/devops-tasks-test-cache``, so repeated runs on one machine are warm (a rebuild of an
+unchanged recipe takes about a second). ``CORE_HOME`` and ``CORE_IMAGES_DIR`` point into tmp while
+it builds: the real home is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DEFAULT_TEST_CACHE = "/var/tmp/devops-tasks-test-cache"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: boots a real QEMU guest or starts real servers (slow)")
+
+
+def shared_cache_dir() -> str:
+    """The build cache the e2e tests share (``$CORE_CACHE_DIR`` or a stable dir under /var/tmp)."""
+    return os.environ.get("CORE_CACHE_DIR") or DEFAULT_TEST_CACHE
+
+
+@pytest.fixture(scope="session")
+def build_cache_dir() -> str:
+    return shared_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def built_image(tmp_path_factory, build_cache_dir) -> Path:
+    """The ``minimal`` image, built once per session (cached across sessions)."""
+    from devops_tasks.build import build_image
+    from devops_tasks.build.tools import missing_tools
+
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
+    base = tmp_path_factory.mktemp("built-image")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CORE_CACHE_DIR", build_cache_dir)
+        mp.setenv("CORE_HOME", str(base / "core"))
+        mp.setenv("CORE_IMAGES_DIR", str(base / "images"))
+        result = build_image("minimal", output=base / "minimal.qcow2")
+    return result.path
