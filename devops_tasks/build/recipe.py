@@ -211,6 +211,8 @@ def _mode(f: _Fields, value: Any, where: str) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
         return int(value, 8)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o7777:
+        if value > 0o777:  # "mode: 755" is decimal 755 (0o1363) in YAML, not rwxr-xr-x
+            raise f.error(f"field '{where}.mode': write the mode with a leading 0 (0{value}) or quoted ('04755')")
         return value
     raise f.error(f"field '{where}.mode' must be an octal mode like 0644, got {_show(value)}")
 
@@ -227,7 +229,8 @@ def _files(source: Path, data: Any) -> tuple[ExtraFile, ...]:
         path = f.pop("path")
         content = f.pop("content", None)
         src = f.pop("source", None)
-        mode = _mode(f, f.pop("mode", 0o644, kind=(int, str)), where)
+        raw_mode = f.pop("mode", None, kind=(int, str))
+        mode = 0o644 if raw_mode is None else _mode(f, raw_mode, where)
         f.finish(_FILE)
         pure = PurePosixPath(path)
         if not pure.is_absolute() or ".." in pure.parts or len(pure.parts) < 2:
