@@ -48,7 +48,7 @@ class DevOps:
         if self._images is None:
             from .images import ImageManager
 
-            self._images = ImageManager(self.config)
+            self._images = ImageManager(self.config, echo=self.echo)
         return self._images
 
     def install(self, progress: Optional[Progress] = None, source: str = "") -> None:
