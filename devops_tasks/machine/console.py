@@ -30,7 +30,7 @@ def raw_terminal(fd: int):
 
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead still reach the guest
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)

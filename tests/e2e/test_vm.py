@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -266,6 +267,37 @@ def test_console_reads_and_writes_the_serial_shell(core, guest_image):
     finally:
         proc.kill()
     assert is_alive(core.record()), "detaching leaves the VM running"
+
+    import pty  # the same on a real terminal: raw mode, so Ctrl-C would go to the guest; Ctrl-] detaches
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    try:
+        os.write(fd, b"\recho tty$((6*7))ok\r")
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"tty42ok" not in seen:  # typed before the relay went raw: must not be lost
+            assert time.monotonic() < deadline, seen
+            if select.select([fd], [], [], 1)[0]:
+                seen += os.read(fd, 4096)
+        os.write(fd, b"\x1d")
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(fd)
+
+    follow = subprocess.Popen([INV, "vm.logs", "--follow"], cwd=REPO, stdout=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL)
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"tty42ok" not in seen:  # what the console printed is in the log
+        assert time.monotonic() < deadline, seen
+        if select.select([follow.stdout], [], [], 1)[0]:
+            chunk = follow.stdout.read1(65536)
+            assert chunk, seen
+            seen += chunk
+    follow.send_signal(signal.SIGINT)
+    assert follow.wait(timeout=10) in (0, 1, -signal.SIGINT, 130)
 
 
 def test_published_image_falls_back_to_trust_on_first_use(core, guest_image):
