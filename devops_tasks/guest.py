@@ -612,7 +612,8 @@ if [ -n "$1" ]; then
   umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null
   say "stale $1"
 fi
-command -v sshfs >/dev/null 2>&1 || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
+s=$(command -v sshfs 2>/dev/null)
+[ -n "$s" ] && [ -f "$s" ] && [ -x "$s" ] || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
 [ -c /dev/fuse ] || modprobe fuse 2>/dev/null
 [ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
 mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
