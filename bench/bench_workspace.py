@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""shell, the /app mount and test, each against a plain-OpenSSH baseline measured in the same run.
+
+    .venv/bin/python bench/bench_workspace.py [--image PATH] [--runs 5] [--mib 32] [--files 5000]
+
+Boots one VM (TCG here) with ``CORE_HOME`` in a temp dir. Without ``--image`` the default recipe
+is built, or reused from the test build cache. Medians of interleaved runs:
+
+* shell: ``devops shell -- true`` (a new process: Python, Invoke, the VM record, then ``ssh`` over
+  the VM's multiplexed master) vs ``ssh ... true`` with the same key, known_hosts and strict options
+  and no multiplexing; ratio devops/ssh (goal <= 1.2). The first ``devops shell`` of a VM (it
+  starts the master) and ``CORE_SSH_MULTIPLEX=0`` are shown too.
+* mount: write and read of a ``--mib`` file and a ``find`` + ``stat`` walk over ``--files`` files,
+  in the guest, through the tool's mount (``guest.Mount``: Paramiko channel, Python pumps,
+  ``dcache_timeout=1``) vs ``ssh VM sshfs : /mnt -o slave`` piped straight to ``sftp-server``
+  (OpenSSH, OS pipes, sshfs defaults); ratio tool/plain (time, lower is better).
+* test: ``inv test`` of examples/hello-pytest (connect, mount, pytest in /app, unmount) vs
+  ``ssh VM 'cd /root/hello && pytest'`` on a copy already in the guest's disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+INV = str(BIN / "inv")
+DEVOPS = str(BIN / "devops")
+EXAMPLE = REPO / "examples" / "hello-pytest"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def timed(argv: list[str], env: dict, cwd: Path = REPO, check: bool = True) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - start
+    if check and done.returncode != 0:
+        raise SystemExit(f"{argv[:4]}... failed ({done.returncode}): {done.stderr[-500:]}")
+    return elapsed
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def image_path(args) -> Path:
+    if args.image:
+        return Path(args.image).resolve()
+    from devops_tasks.build import build_image
+
+    os.environ.setdefault("CORE_CACHE_DIR", "/var/tmp/devops-tasks-test-cache")
+    out = Path(tempfile.mkdtemp(prefix="bench-ws-img-")) / "minimal.qcow2"
+    print("building (or reusing) the default image...", file=sys.stderr)
+    return build_image("minimal", output=out).path
+
+
+def boot(image: Path, work: Path) -> dict:
+    from devops_tasks.manifest import ImageInfo, Manifest
+
+    home, images = work / "core", work / "images"
+    home.mkdir()
+    images.mkdir()
+    port = free_port()
+    (home / "config.yaml").write_text(f"vm:\n  ssh_port: {port}\n  memory: 1024\n  cpus: 2\n  boot_timeout: 180\n")
+    (images / "core-devops-linux-amd64.qcow2").symlink_to(image)
+    manifest = Manifest(images / "manifest.json")
+    manifest.set("core-devops-linux-amd64.qcow2", ImageInfo(version="bench", source="build", guest_contract=1))
+    manifest.save()
+    env = {**os.environ, "CORE_HOME": str(home), "CORE_IMAGES_DIR": str(images)}
+    env.pop("SSH_AUTH_SOCK", None)
+    os.environ.update(CORE_HOME=env["CORE_HOME"], CORE_IMAGES_DIR=env["CORE_IMAGES_DIR"])
+    os.environ.pop("SSH_AUTH_SOCK", None)
+    timed([INV, "vm.boot"], env)
+    return env
+
+
+# --------------------------------------------------------------------------- shell
+
+
+def bench_shell(env: dict, target, runs: int) -> dict:
+    from devops_tasks import guest
+
+    plain = guest.ssh_argv(target, ["true"], forward_agent=False, multiplex=False)
+    first = timed([DEVOPS, "shell", "--", "true"], env)  # starts this VM's master
+    tool, ssh, nomux = [], [], []
+    for _ in range(runs):
+        tool.append(timed([DEVOPS, "shell", "--", "true"], env))
+        ssh.append(timed(plain, env))
+        nomux.append(timed([DEVOPS, "shell", "--", "true"], {**env, "CORE_SSH_MULTIPLEX": "0"}))
+    python = [timed([sys.executable, "-c", "import devops_tasks.cli"], env) for _ in range(runs)]
+    return {
+        "devops shell -- true": median(tool),
+        "ssh ... true": median(ssh),
+        "ratio": median(tool) / median(ssh),
+        "first devops shell (starts the master)": first,
+        "devops shell, CORE_SSH_MULTIPLEX=0": median(nomux),
+        "python -c 'import devops_tasks.cli'": median(python),
+    }
+
+
+# --------------------------------------------------------------------------- mount
+
+
+def guest_time(run, script: str) -> float:
+    """Seconds the guest itself reports for ``script`` (no SSH round trip counted)."""
+    code, out, err = run(f"s=$(date +%s%N); {script}; rc=$?; e=$(date +%s%N); echo $(( (e - s) / 1000 )); exit $rc")
+    if code != 0:
+        raise SystemExit(f"guest script failed ({code}): {script}: {err[-500:]}")
+    return int(out.strip().splitlines()[-1]) / 1e6
+
+
+def mount_workload(run, point: str, mib: int) -> dict:
+    run(f"rm -f {point}/w.bin")
+    write = guest_time(run, f"dd if=/dev/zero of={point}/w.bin bs=1M count={mib} conv=fsync 2>/dev/null")
+    read = guest_time(run, f"cat {point}/r.bin > /dev/null")  # pages are dropped on each open
+    walk = guest_time(run, f"find {point}/tree -type f | xargs stat -c %s > /dev/null")
+    run(f"rm -f {point}/w.bin")
+    return {"write MB/s": mib * 1.048576 / write, "read MB/s": mib * 1.048576 / read, "find+stat s": walk}
+
+
+class PlainSSHFS:
+    """``ssh VM sshfs : POINT -o slave`` with its stdin/stdout wired to ``sftp-server`` by OS pipes."""
+
+    def __init__(self, target, folder: Path, point: str):
+        from devops_tasks import guest
+
+        self.point = point
+        a_read, b_write = os.pipe()
+        b_read, a_write = os.pipe()
+        self.server = subprocess.Popen([guest.find_sftp_server(), "-d", str(folder)], stdin=a_read, stdout=a_write)
+        argv = guest.ssh_argv(target, ["sh", "-c", f"mkdir -p {point} && exec sshfs : {point} -f -o slave"],
+                              forward_agent=False, multiplex=False)
+        self.ssh = subprocess.Popen(argv, stdin=b_read, stdout=b_write)
+        for fd in (a_read, a_write, b_read, b_write):
+            os.close(fd)
+
+    def close(self, run) -> None:
+        run(f"umount {self.point}")
+        for proc in (self.ssh, self.server):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def bench_mount(target, runs: int, mib: int, files: int) -> dict:
+    from devops_tasks import guest
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-ws-mount-"))
+    (folder / "r.bin").write_bytes(os.urandom(mib << 20))
+    tree = folder / "tree"
+    for i in range(files):
+        sub = tree / f"d{i // 100:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:05d}.txt").write_text(f"{i}\n")
+    results: dict[str, list[dict]] = {"tool": [], "plain": []}
+    with guest.session(target) as conn:
+        def run(script: str):
+            return guest.capture(conn, script, timeout=600)
+
+        for _ in range(runs):
+            with guest.Mount(conn, folder):
+                results["tool"].append(mount_workload(run, "/app", mib))
+            plain = PlainSSHFS(target, folder, "/mnt/plain")
+            try:
+                deadline = time.monotonic() + 30
+                while run("grep -q ' /mnt/plain ' /proc/mounts")[0] != 0:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the plain sshfs mount did not appear")
+                    time.sleep(0.05)
+                results["plain"].append(mount_workload(run, "/mnt/plain", mib))
+            finally:
+                plain.close(run)
+    shutil.rmtree(folder)
+    out = {}
+    for side, rows in results.items():
+        for key in rows[0]:
+            out[f"{side} {key}"] = median([row[key] for row in rows])
+    out["ratio write time"] = out["plain write MB/s"] / out["tool write MB/s"]
+    out["ratio read time"] = out["plain read MB/s"] / out["tool read MB/s"]
+    out["ratio find+stat time"] = out["tool find+stat s"] / out["plain find+stat s"]
+    return out
+
+
+# --------------------------------------------------------------------------- test
+
+
+def bench_test(env: dict, target, runs: int) -> dict:
+    from devops_tasks import guest
+
+    project = Path(tempfile.mkdtemp(prefix="bench-ws-hello-")) / "hello"
+    shutil.copytree(EXAMPLE, project)
+    tar = subprocess.run(["tar", "-C", str(project), "-cf", "-", "."], capture_output=True, check=True).stdout
+    copy_argv = guest.ssh_argv(target, ["sh", "-c", "rm -rf /root/hello && mkdir /root/hello && tar -C /root/hello -xf -"],
+                               forward_agent=False, multiplex=False)
+    subprocess.run(copy_argv, input=tar, check=True, capture_output=True)
+    # the same command with the same env as `inv test` (test.yaml's env, then detection: pytest)
+    plain = guest.ssh_argv(target, ["sh", "-c", "cd /root/hello && HELLO_GREETING='hello from .core/test.yaml' "
+                                    "PYTHONDONTWRITEBYTECODE=1 pytest"], forward_agent=False, multiplex=False)
+    tool, ssh = [], []
+    for _ in range(runs):
+        tool.append(timed([INV, "test"], env, cwd=project))
+        ssh.append(timed(plain, env))
+    shutil.rmtree(project.parent)
+    return {"inv test": median(tool), "ssh ... pytest (local copy)": median(ssh), "ratio": median(tool) / median(ssh)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", help="a bootable image (default: build or reuse the default recipe)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--mib", type=int, default=32, help="size of the read and write files")
+    parser.add_argument("--files", type=int, default=5000, help="files in the find+stat walk")
+    parser.add_argument("--only", choices=["shell", "mount", "test"], action="append")
+    args = parser.parse_args()
+    only = set(args.only or ["shell", "mount", "test"])
+
+    image = image_path(args)
+    work = Path(tempfile.mkdtemp(prefix="bench-ws-"))
+    env = boot(image, work)
+    from devops_tasks import guest, workspace
+    from devops_tasks.devops import DevOps
+
+    report: dict[str, dict] = {}
+    try:
+        target = workspace.target(DevOps())
+        if "shell" in only:
+            report["shell"] = bench_shell(env, target, args.runs)
+        if "mount" in only:
+            report["mount"] = bench_mount(target, max(1, args.runs // 2), args.mib, args.files)
+        if "test" in only:
+            report["test"] = bench_test(env, target, max(1, args.runs // 2))
+    finally:
+        try:
+            guest.close_master(workspace.target(DevOps()))
+        except Exception:
+            pass
+        subprocess.run([INV, "vm.stop"], env=env, capture_output=True, stdin=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+    for section, values in report.items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            unit = "" if ("ratio" in key or "MB/s" in key or key.endswith(" s")) else " s"
+            print(f"  {key:45} {value:8.3f}{unit}")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
