@@ -101,6 +101,56 @@ def shell(devops: "DevOps", opts: ShellOptions) -> int:
     return guest.run_foreground(argv)
 
 
+def fast_shell(argv: list[str]) -> Optional[int]:
+    """``devops shell [--name N] [--no-agent] [-- CMD ...]`` without loading Invoke, or None.
+
+    For the console program's entry point: ``shell -- CMD`` is mostly Python start-up, so the
+    plain forms skip Invoke and its config layers (about 0.15-0.2 s of imports). Anything else
+    (other tasks, ``--console``, help, Invoke's own flags or config files and ``INVOKE_*``
+    variables that could change ``core.vm.name``) returns None: let Invoke handle it.
+    """
+    import os
+    import sys
+
+    if not argv or argv[0] not in ("shell", "shell.shell"):
+        return None
+    if any(key.startswith("INVOKE_") for key in os.environ):
+        return None
+    if any(os.path.exists(os.path.expanduser(f"{base}.{ext}")) for base in ("/etc/invoke", "~/.invoke")
+           for ext in ("yaml", "yml", "json", "py")):
+        return None
+    words: list[str] = []
+    rest = list(argv[1:])
+    if "--" in rest:
+        index = rest.index("--")
+        rest, words = rest[:index], rest[index + 1:]
+    name, agent = "", True
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--no-agent":
+            agent = False
+        elif flag in ("--name", "-n") and rest:
+            name = rest.pop(0)
+        elif flag.startswith("--name="):
+            name = flag.split("=", 1)[1]
+        else:
+            return None
+    from .errors import DevopsError
+
+    try:
+        if not name:
+            from .config import load_config
+            from .paths import config_path
+
+            name = load_config().vm.name if config_path().exists() else "core-dev"
+        from types import SimpleNamespace
+
+        return shell(SimpleNamespace(name=name), ShellOptions(command=words, forward_agent=agent))
+    except DevopsError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+
+
 # --------------------------------------------------------------------------- test
 
 

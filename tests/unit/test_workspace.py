@@ -300,3 +300,33 @@ def test_tasks_pass_flags_and_remainder_words(monkeypatch, tmp_path, capsys):
 
     assert run_program(["devops", "serve", "--port", "http"], monkeypatch) == 1
     assert "--port 'http' is not a number" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the shell fast path
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["vm.boot"], ["shell", "--console"], ["shell", "--help"], ["-e", "shell"], ["shell", "-x"],
+    ["shell", "--name"], ["test", "--", "true"],
+])
+def test_fast_shell_leaves_other_forms_to_invoke(argv, fake):
+    assert workspace.fast_shell(argv) is None
+    assert fake.calls == []
+
+
+def test_fast_shell_runs_ssh_with_the_words(fake, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    fake.status = 3
+    assert workspace.fast_shell(["shell", "--name", "box", "--no-agent", "--", "echo", "a b", "--"]) == 3
+    (kind, argv), = fake.calls
+    assert argv[-1] == "echo 'a b' --" and "-a" in argv
+
+
+def test_fast_shell_steps_aside_for_invoke_config(fake, monkeypatch):
+    monkeypatch.setenv("INVOKE_CORE_VM_NAME", "other")
+    assert workspace.fast_shell(["shell", "--", "true"]) is None
+
+
+def test_fast_shell_not_running_is_the_usual_error(capsys):
+    assert workspace.fast_shell(["shell", "--", "true"]) == 1
+    assert capsys.readouterr().err == "Error: dev environment not running (run 'inv vm.boot' first)\n"
