@@ -16,7 +16,7 @@ from devops_tasks import lifecycle, paths
 from devops_tasks.errors import VMError
 from devops_tasks.machine import process
 from devops_tasks.machine.ports import pick_port, port_free
-from devops_tasks.machine.records import (VMDir, VMRecord, all_names, is_alive, is_vm_process,
+from devops_tasks.machine.records import (VMDir, VMRecord, all_names, is_vm_process,
                                           process_start, validate_name)
 from devops_tasks.options import DevStatus
 
