@@ -140,9 +140,32 @@ def prune(c):
     print(f"Freed {human_size(result.freed)}")
 
 
+@task(
+    help={
+        "recipe": "Recipe name under config/ or a path to a .yaml recipe (default: images.build.recipe)",
+        "output": "Write the qcow2 here instead of installing it as the dev image",
+        "force": "Rebuild even when the cached image for this recipe is up to date",
+    }
+)
+def build(c, recipe=None, output=None, force=False):
+    """Build a dev image from Debian packages (a YAML recipe) and install it."""
+    from ..build import build_image
+
+    recipe = recipe or core_config(c).images.build.recipe
+    print(f"Building image from recipe {recipe}...")
+    result = build_image(recipe, output=output, log=print, refresh=True if force else None, force=force)
+    where = result.path if output else f"{result.path} (installed)"
+    print(f"Image: {where}")
+    print(f"Version: {result.version}")
+    print(f"SHA256: {result.sha256}")
+    print(f"Built in {go_duration(result.seconds)}{' (cached)' if result.cached else ''}")
+    if not output:
+        print("Start with: inv vm.boot")
+
+
 ns = configure(Collection("image"))
 ns.add_task(install)
 ns.add_task(update)
 ns.add_task(list_, name="list")
 ns.add_task(prune)
-# image.build is added here by the image builder (lead): ns.add_task(build)
+ns.add_task(build)
