@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,14 @@ class VMDir:
 
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sockets = self.socket_dir
+        if sockets != self.path:  # a shared temp dir: ours alone, or refuse (no symlink games)
+            sockets.parent.mkdir(mode=0o700, exist_ok=True)
+            st = sockets.parent.lstat()
+            uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+                raise VMError(f"{sockets.parent} is not a private folder of this user: remove it and retry")
+            sockets.mkdir(mode=0o700, exist_ok=True)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

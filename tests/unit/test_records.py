@@ -75,12 +75,24 @@ def test_bad_names(name):
         validate_name(name)
 
 
-def test_long_paths_move_sockets_to_a_short_dir(tmp_path):
+def test_long_paths_move_sockets_to_a_short_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     vm = VMDir("core-dev", root=tmp_path / ("d" * 120))
     assert len(str(vm.serial_socket)) < 100
     assert vm.socket_dir != vm.path
     assert VMDir("core-dev", root=tmp_path / ("d" * 120)).socket_dir == vm.socket_dir
     assert VMDir("x", root=tmp_path).socket_dir == tmp_path / "x"
+    vm.ensure()
+    assert vm.socket_dir.is_dir() and vm.socket_dir.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_shared_socket_dir_must_be_private(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    vm = VMDir("core-dev", root=tmp_path / ("d" * 120))
+    vm.socket_dir.parent.mkdir(mode=0o777)
+    vm.socket_dir.parent.chmod(0o777)
+    with pytest.raises(VMError, match="not a private folder"):
+        vm.ensure()
 
 
 def test_liveness_of_the_real_process(sleeper):
