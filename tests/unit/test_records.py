@@ -75,8 +75,19 @@ def test_bad_names(name):
         validate_name(name)
 
 
-def test_long_paths_move_sockets_to_a_short_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+@pytest.fixture
+def short_tmp(monkeypatch):
+    """A short temp dir standing in for /tmp (where sockets of long VM paths go)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
+    monkeypatch.setattr("tempfile.tempdir", path)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_long_paths_move_sockets_to_a_short_dir(tmp_path, short_tmp):
     vm = VMDir("core-dev", root=tmp_path / ("d" * 120))
     assert len(str(vm.serial_socket)) < 100
     assert vm.socket_dir != vm.path
@@ -86,8 +97,7 @@ def test_long_paths_move_sockets_to_a_short_dir(tmp_path, monkeypatch):
     assert vm.socket_dir.is_dir() and vm.socket_dir.parent.stat().st_mode & 0o777 == 0o700
 
 
-def test_shared_socket_dir_must_be_private(tmp_path, monkeypatch):
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+def test_shared_socket_dir_must_be_private(tmp_path, short_tmp):
     vm = VMDir("core-dev", root=tmp_path / ("d" * 120))
     vm.socket_dir.parent.mkdir(mode=0o777)
     vm.socket_dir.parent.chmod(0o777)
