@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
+from .kernel import strip_signature
 from .rootfs import guest_dir
 from .tools import mbr_bin, run
 
@@ -59,7 +60,7 @@ def initramfs(busybox: Path, modules: list[Path], epoch: int) -> bytes:
     names = []
     for module in modules:
         names.append(module.name)
-        entries.append((f"lib/modules/{module.name}", 0o100644, module.read_bytes(), (0, 0)))
+        entries.append((f"lib/modules/{module.name}", 0o100644, strip_signature(module.read_bytes()), (0, 0)))
     entries.append(("lib/modules/load-order", 0o100644, "".join(f"{n}\n" for n in names).encode(), (0, 0)))
     blob = b"".join(
         _cpio_entry(name, mode, data, index + 1, epoch, rdev)
