@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -104,6 +105,12 @@ def bench_shell(env: dict, target, runs: int) -> dict:
         ssh.append(timed(plain, env))
         nomux.append(timed([DEVOPS, "shell", "--", "true"], {**env, "CORE_SSH_MULTIPLEX": "0"}))
     python = [timed([sys.executable, "-c", "import devops_tasks.cli"], env) for _ in range(runs)]
+    fast_argv = [sys.executable, "-c", "import sys; from devops_tasks.workspace import fast_shell; "
+                 "sys.exit(fast_shell(['shell', '--', 'true']))"]
+    fast, ssh2 = [], []
+    for _ in range(runs):
+        fast.append(timed(fast_argv, env))
+        ssh2.append(timed(plain, env))
     return {
         "devops shell -- true": median(tool),
         "ssh ... true": median(ssh),
@@ -111,6 +118,9 @@ def bench_shell(env: dict, target, runs: int) -> dict:
         "first devops shell (starts the master)": first,
         "devops shell, CORE_SSH_MULTIPLEX=0": median(nomux),
         "python -c 'import devops_tasks.cli'": median(python),
+        "fast path (workspace.fast_shell, no Invoke)": median(fast),
+        "ssh ... true (same rounds)": median(ssh2),
+        "ratio fast path": median(fast) / median(ssh2),
     }
 
 
@@ -119,10 +129,13 @@ def bench_shell(env: dict, target, runs: int) -> dict:
 
 def guest_time(run, script: str) -> float:
     """Seconds the guest itself reports for ``script`` (no SSH round trip counted)."""
-    code, out, err = run(f"s=$(date +%s%N); {script}; rc=$?; e=$(date +%s%N); echo $(( (e - s) / 1000 )); exit $rc")
+    timer = ("import subprocess, sys, time; t = time.perf_counter(); "
+             "rc = subprocess.run(['sh', '-c', sys.argv[1]]).returncode; "
+             "print(time.perf_counter() - t); sys.exit(rc)")
+    code, out, err = run(f"python3 -c {shlex.quote(timer)} {shlex.quote(script)}")
     if code != 0:
         raise SystemExit(f"guest script failed ({code}): {script}: {err[-500:]}")
-    return int(out.strip().splitlines()[-1]) / 1e6
+    return float(out.strip().splitlines()[-1])
 
 
 def mount_workload(run, point: str, mib: int) -> dict:
@@ -241,11 +254,11 @@ def main() -> int:
     try:
         target = workspace.target(DevOps())
         if "shell" in only:
-            report["shell"] = bench_shell(env, target, args.runs)
+            report["shell"] = show("shell", bench_shell(env, target, args.runs))
         if "mount" in only:
-            report["mount"] = bench_mount(target, max(1, args.runs // 2), args.mib, args.files)
+            report["mount"] = show("mount", bench_mount(target, max(1, args.runs // 2), args.mib, args.files))
         if "test" in only:
-            report["test"] = bench_test(env, target, max(1, args.runs // 2))
+            report["test"] = show("test", bench_test(env, target, max(1, args.runs // 2)))
     finally:
         try:
             guest.close_master(workspace.target(DevOps()))
@@ -253,13 +266,16 @@ def main() -> int:
             pass
         subprocess.run([INV, "vm.stop"], env=env, capture_output=True, stdin=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
-    for section, values in report.items():
-        print(f"[{section}]")
-        for key, value in values.items():
-            unit = "" if ("ratio" in key or "MB/s" in key or key.endswith(" s")) else " s"
-            print(f"  {key:45} {value:8.3f}{unit}")
     print(json.dumps(report))
     return 0
+
+
+def show(section: str, values: dict) -> dict:
+    print(f"[{section}]")
+    for key, value in values.items():
+        unit = "" if ("ratio" in key or "MB/s" in key or key.endswith(" s")) else " s"
+        print(f"  {key:45} {value:8.3f}{unit}", flush=True)
+    return values
 
 
 if __name__ == "__main__":
