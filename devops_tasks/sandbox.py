@@ -28,6 +28,7 @@ import io
 import os
 import secrets
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -275,6 +276,47 @@ def _interactive() -> bool:
 # --------------------------------------------------------------------------- guest part
 
 
+def run_session(argv: Sequence[str], grace: float = 5.0) -> int:
+    """``guest.run_foreground`` that also ends ssh when this process is told to stop.
+
+    Ctrl-C belongs to claude (ssh passes it on); SIGTERM/SIGHUP here (KeyboardInterrupt, see
+    ``workspace.stop_signals``) end the ssh session too (TERM, then KILL after ``grace`` s), so
+    claude never runs on in the VM after its mount and credentials are gone.
+    """
+    import signal
+    import threading
+
+    if shutil.which(argv[0]) is None:
+        raise GuestError(f"{argv[0]} not found (install openssh-client)")
+    in_main = threading.current_thread() is threading.main_thread()
+    saved = {}
+    if in_main:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            saved[sig] = signal.signal(sig, signal.SIG_IGN)
+
+    def restore_child() -> None:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    proc = None
+    try:
+        proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
+        code = proc.wait()
+    except BaseException:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
 def feed(conn: "Connection", command: str, data: bytes, timeout: float = 60.0) -> tuple[int, str]:
     """Run ``command`` in the guest with ``data`` on its stdin; (status, stderr).
 
@@ -380,7 +422,7 @@ def claude(
                         devops.echo(f"Not forwarded: {note}")
                     script = wrapper_script(env_file, opts.model)
                     argv = guest.ssh_argv(where, ["sh", "-c", script], forward_agent=creds.agent, tty=tty)
-                    return guest.run_foreground(argv)
+                    return run_session(argv)
             finally:
                 with contextlib.suppress(Exception):
                     guest.capture(conn, cleanup_script(env_file), timeout=15)

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DEVOPS = str(BIN / "devops")
-RECORD = "/tmp/claude-stub.txt"
+RECORD = "/run/claude-stub.txt"
 CREDENTIAL_VARS = {"ANTHROPIC_API_KEY", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
                    "GIT_COMMITTER_EMAIL", "SSH_AUTH_SOCK"}
 GIT_NAME, GIT_EMAIL = "Ada Lovelace-E2E", "ada.e2e@example.com"
@@ -375,8 +375,9 @@ def test_not_installed_is_a_clear_error(sandbox_env):
 
 
 def test_no_secret_in_logs_or_state(sandbox_env):
-    """The tool's own files (VM log, records, known_hosts) never hold the key."""
+    """The tool's own files (VM log, records, known_hosts) and the VM's disk never hold the key."""
     e = sandbox_env
+    assert e.guest("sync")[0] == 0  # what the guest wrote reaches the overlay
     for path in e.core_home.rglob("*"):
         if path.is_file() and not path.is_socket():
             try:

@@ -10,10 +10,12 @@ import contextlib
 import io
 import os
 import shlex
+import signal
 import socket
 import stat
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -289,7 +291,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(guest, "session", session)
     monkeypatch.setattr(guest, "Mount", Mount)
     monkeypatch.setattr(guest, "capture", capture)
-    monkeypatch.setattr(guest, "run_foreground", run_foreground)
+    monkeypatch.setattr(sandbox, "run_session", run_foreground)
     monkeypatch.setattr(sandbox, "feed", feed)
     return g
 
@@ -407,7 +409,7 @@ def test_claude_ctrl_c_cleans_up(dev, fake, tmp_path, host_home, monkeypatch):
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(guest, "run_foreground", interrupted)
+    monkeypatch.setattr(sandbox, "run_session", interrupted)
     assert run_claude(dev, tmp_path, ClaudeOptions(auth=["gh"]), {}, host_home) == 130
     kinds = [c[0] for c in fake.calls]
     assert kinds[-3:] == ["unmount", "cleanup", "closed"]
@@ -447,3 +449,24 @@ def test_task_exit_status_and_errors(monkeypatch):
     with pytest.raises(SystemExit) as info:
         Program(namespace=ns).run(["inv", "claude"])
     assert info.value.code == 4
+
+
+def test_run_session_status_and_termination(tmp_path):
+    assert sandbox.run_session(["sh", "-c", "exit 6"]) == 6
+    assert sandbox.run_session(["sh", "-c", "kill -TERM $$"]) == 128 + signal.SIGTERM
+    with pytest.raises(GuestError, match="not found"):
+        sandbox.run_session(["no-such-ssh-binary-xyz"])
+
+
+def test_run_session_ends_ssh_on_sigterm(tmp_path):
+    """SIGTERM to this process (KeyboardInterrupt via stop_signals) ends the session's process."""
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {shlex.quote(str(pidfile))}; exec sleep 60"
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        with workspace.stop_signals():
+            sandbox.run_session(["sh", "-c", script])
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

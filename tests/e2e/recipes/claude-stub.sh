@@ -1,9 +1,9 @@
 #!/bin/sh
-# Stand-in for Claude Code in the e2e tests: records what it received, inside the guest, in
-# /tmp/claude-stub.txt (written whole when the run ends). When /app/.claude-stub-wait exists it
+# Stand-in for Claude Code in the e2e tests: records what it received, inside the guest, on tmpfs in
+# /run/claude-stub.txt (written whole when the run ends). When /app/.claude-stub-wait exists it
 # waits (up to 60 s) for /app/.claude-stub-go first, so the test can look at the host meanwhile.
 # Exits with the number in /app/.claude-stub-exit when that exists, else 0.
-out=/tmp/claude-stub.txt
+out=/run/claude-stub.txt
 {
     echo "== args"
     for a in "$@"; do echo "arg:$a"; done
