@@ -44,12 +44,19 @@ def timed(argv: list[str]) -> float:
     return elapsed
 
 
-def started_epoch(pid: int) -> float:
-    """When ``pid`` started, in epoch seconds (from /proc: boot time + start ticks)."""
-    btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                 if line.startswith("btime "))
-    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
+def start_ticks(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def now_ticks() -> int:
+    """The current time on the same clock: the start of a process made just now."""
+    marker = subprocess.Popen(["sleep", "1"])
+    try:
+        return start_ticks(marker.pid)
+    finally:
+        marker.kill()
+        marker.wait()
 
 
 PRE_QEMU: list[float] = []  # inv vm.boot started → QEMU daemon started: what the tool adds up front
@@ -58,9 +65,9 @@ PRE_QEMU: list[float] = []  # inv vm.boot started → QEMU daemon started: what 
 def tool_boot_stop(memory: int, cpus: int) -> tuple[float, float, list[float]]:
     from devops_tasks.machine.records import VMDir
 
-    t0 = time.time()
+    t0 = now_ticks()
     boot = timed([INV, "vm.boot", "--memory", str(memory), "--cpus", str(cpus)])
-    PRE_QEMU.append(started_epoch(VMDir("core-dev").load().pid) - t0)
+    PRE_QEMU.append((start_ticks(VMDir("core-dev").load().pid) - t0) / os.sysconf("SC_CLK_TCK"))
     status = [timed([INV, "vm.status"]) for _ in range(5)]
     stop = timed([INV, "vm.stop"])
     return boot, stop, status
