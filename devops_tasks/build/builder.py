@@ -195,6 +195,17 @@ def _kernel_tree(deb: Path) -> Path:
     return target
 
 
+def _remove_leftovers(cache: Path) -> None:
+    for stale in (cache / "work").iterdir():
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*(cache / "images").glob(".*.tmp"), *(cache / "debs").glob(".partial-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 def _prune(images: Path, keep: str) -> None:
     found = sorted(images.glob("*.qcow2"), key=lambda path: path.stat().st_mtime, reverse=True)
     for old in found[KEEP_CACHED_IMAGES:]:
@@ -228,10 +239,11 @@ def produce(p: Plan, log: Log, force: bool = False) -> tuple[Path, str, bool]:
         hit = None if force else cached_image(p)
         if hit:
             return (*hit, True)
-        _check_space(cache, WORK_SPACE_NEEDED, "building the image")
         images = cache / "images"
         images.mkdir(parents=True, exist_ok=True)
         (cache / "work").mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(cache)  # of builds killed before their cleanup ran (we hold the lock)
+        _check_space(cache, WORK_SPACE_NEEDED, "building the image")
         work = Path(tempfile.mkdtemp(prefix="build-", dir=cache / "work"))
         try:
             tmp = images / f".{p.version}.qcow2.tmp"

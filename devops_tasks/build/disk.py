@@ -144,7 +144,10 @@ def _fix_ext4(raw: Path, work: Path, epoch: int, env: dict) -> None:
     space) and atime (reading the staging tree moves it): reset both to the fixed epoch on every
     used inode (root and 11+; 1-10 are reserved)."""
     fs = f"{raw}?offset={ROOT_START}"
-    commands = "".join(f"sif <{ino}> ctime @{epoch}\nsif <{ino}> atime @{epoch}\n"
+    # Without root, dpkg-deb could not give files their owners: make everything root's instead of
+    # the builder's (a root build keeps Debian's owners).
+    owner = "" if os.geteuid() == 0 else "sif <{ino}> uid 0\nsif <{ino}> gid 0\n"
+    commands = "".join(f"sif <{ino}> ctime @{epoch}\nsif <{ino}> atime @{epoch}\n" + owner.format(ino=ino)
                        for ino in _used_inodes(fs, env) if ino == 2 or ino >= 11)
     script = work / "debugfs.cmds"
     script.write_text(commands)

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +134,41 @@ def test_sshfs_slave_mount_forwarding_agent_and_console(vm, tmp_path):
         forward.kill()
         forward.wait(10)
 
+    # remote port forwarding (-R): the guest reaches a server on the host
+    host_server = socket.socket()
+    host_server.bind(("127.0.0.1", 0))
+    host_server.listen(4)
+    received: list[bytes] = []
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = host_server.accept()
+            except OSError:
+                return
+            with conn:
+                received.append(conn.recv(100))
+                conn.sendall(b"pong-from-host\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    remote = free_port()
+    reverse = subprocess.Popen(
+        vm.ssh_argv("sleep 60", extra=("-R", f"127.0.0.1:{remote}:127.0.0.1:{host_server.getsockname()[1]}")),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        got = ""
+        for _ in range(50):
+            got = vm.ssh(f"echo ping-from-guest | timeout 10 nc 127.0.0.1 {remote}", timeout=30).stdout
+            if "pong-from-host" in got:
+                break
+            time.sleep(0.3)
+        assert "pong-from-host" in got
+        assert any(item.startswith(b"ping-from-guest") for item in received)
+    finally:
+        reverse.kill()
+        reverse.wait(10)
+        host_server.close()
+
     # agent forwarding (-A)
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()
@@ -167,6 +203,7 @@ def test_power_button_and_persistence(vm):
     started = time.monotonic()
     vm.qmp("system_powerdown")
     assert vm.wait_exit(30), "guest did not power off on the ACPI power button"
+    print(f"power button to QEMU exit: {time.monotonic() - started:.2f}s")
     assert time.monotonic() - started < 15
     vm.start(fresh=False)
     vm.wait_ready()
