@@ -160,6 +160,9 @@ def main() -> None:
         print(f"run {run + 1}: tool boot {b:.2f}s stop {s:.2f}s | plain boot {pb:.2f}s stop {ps:.2f}s",
               file=sys.stderr)
     imports = [timed([sys.executable, "-c", "import devops_tasks"]) for _ in range(5)]
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
 
     print(f"machine load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     for label, pick in (("median", median), ("best", min)):
