@@ -271,11 +271,11 @@ def test_serve_taken_port_fails_before_the_vm_is_touched(dev, fake, tmp_path):
 
 def run_program(argv, monkeypatch):
     """Run the ``devops`` program in-process with this argv (sys.argv too, as a real run has it)."""
-    from devops_tasks.cli import program
+    from devops_tasks.cli import program as make_program
 
     monkeypatch.setattr(sys, "argv", argv)
     try:
-        program.run(argv)
+        make_program().run(argv)
     except SystemExit as exc:
         return exc.code or 0
     return 0
