@@ -161,7 +161,7 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     log(f"Writing the disk ({count} files, kernel {tree.release}, {len(modules)} modules)")
     inputs = disk.DiskInputs(
         vmlinuz=tree.vmlinuz,
-        initramfs=disk.initramfs(busybox.resolve(), modules, epoch),
+        initramfs=disk.initramfs(busybox.resolve(), modules, epoch, tree.release),
         rootfs=root,
         cmdline=recipe.kernel.cmdline,
         disk_size=recipe.disk_size,

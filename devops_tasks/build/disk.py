@@ -47,10 +47,12 @@ def _cpio_entry(name: str, mode: int, data: bytes, ino: int, mtime: int, rdev: t
     return out
 
 
-def initramfs(busybox: Path, modules: list[Path], epoch: int) -> bytes:
-    """A gzip newc cpio written here, deterministically: busybox, the modules in load order, init."""
+def initramfs(busybox: Path, modules: list[Path], epoch: int, release: str = "initramfs") -> bytes:
+    """A gzip newc cpio written here, deterministically: busybox, the modules (and a flat
+    modules.dep for busybox modprobe) with their load order, init."""
     entries: list[tuple[str, int, bytes, tuple[int, int]]] = []
-    for directory in ("bin", "dev", "lib", "lib/modules", "newroot", "proc", "sys"):
+    moddir = f"lib/modules/{release}"
+    for directory in ("bin", "dev", "lib", "lib/modules", moddir, "newroot", "proc", "sys"):
         entries.append((directory, 0o040755, b"", (0, 0)))
     entries.append(("dev/console", 0o020600, b"", (5, 1)))
     entries.append(("bin/busybox", 0o100755, busybox.read_bytes(), (0, 0)))
@@ -59,8 +61,10 @@ def initramfs(busybox: Path, modules: list[Path], epoch: int) -> bytes:
     entries.append(("init", 0o100755, (guest_dir() / "initramfs/init").read_bytes(), (0, 0)))
     names = []
     for module in modules:
-        names.append(module.name)
-        entries.append((f"lib/modules/{module.name}", 0o100644, strip_signature(module.read_bytes()), (0, 0)))
+        names.append(module.name[:-3].replace("-", "_"))
+        entries.append((f"{moddir}/{module.name}", 0o100644, strip_signature(module.read_bytes()), (0, 0)))
+    deps = "".join(f"{module.name}:\n" for module in modules)  # the order is already resolved
+    entries.append((f"{moddir}/modules.dep", 0o100644, deps.encode(), (0, 0)))
     entries.append(("lib/modules/load-order", 0o100644, "".join(f"{n}\n" for n in names).encode(), (0, 0)))
     blob = b"".join(
         _cpio_entry(name, mode, data, index + 1, epoch, rdev)

@@ -211,9 +211,10 @@ def test_initramfs_is_deterministic_newc(tmp_path):
     assert one == initramfs(busybox, [module], 1700000000)
     blob = gzip.decompress(one)
     assert blob.startswith(b"070701")
-    for name in (b"init\0", b"bin/busybox\0", b"dev/console\0", b"lib/modules/fuse.ko\0", b"TRAILER!!!\0"):
+    for name in (b"init\0", b"bin/busybox\0", b"dev/console\0", b"lib/modules/initramfs/fuse.ko\0",
+                 b"lib/modules/initramfs/modules.dep\0", b"TRAILER!!!\0"):
         assert name in blob
-    assert b"fuse.ko\n" in blob
+    assert b"fuse.ko:\n" in blob and b"fuse\n" in blob
 
 
 # -- bad host / disk: one-line errors, installed image and manifest untouched ---------------------
