@@ -53,3 +53,18 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def is_locked(path: Path) -> bool:
+    """True when another process holds the lock on ``path`` now (to explain a wait or a skip)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -9,9 +9,6 @@ installed.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,7 +16,7 @@ from typing import Callable, Optional
 from . import paths
 from .config import VALID_SOURCES, Config
 from .errors import DevopsError, ImageError, SourceError
-from .fsutil import file_lock
+from .fsutil import file_lock, is_locked
 from .manifest import ImageInfo, Manifest, _now
 from .sources import ImageSource, SourceConfig
 
@@ -311,7 +308,7 @@ class ImageManager:
             name = path.name
             if name.endswith(".part") or name.endswith(".part.json"):
                 image = name[: -len(".part")] if name.endswith(".part") else name[: -len(".part.json")]
-                if _locked(self.images_dir / f"{image}.lock"):
+                if is_locked(self.images_dir / f"{image}.lock"):
                     skipped.append(f"{name} (download in progress)")
                     continue
             elif not (name.endswith(IMAGE_SUFFIXES) and name not in referenced):
@@ -328,20 +325,3 @@ class ImageManager:
             freed += size
         return PruneResult(removed, freed, skipped)
 
-
-def _locked(lock: Path) -> bool:
-    """True when another process holds ``lock`` (an ``fsutil.file_lock`` file)."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)

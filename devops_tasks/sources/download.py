@@ -41,7 +41,7 @@ import requests
 import urllib3
 
 from ..errors import ChecksumError, ImageError, SourceError
-from ..fsutil import atomic_write_text, file_lock, fsync_dir
+from ..fsutil import atomic_write_text, file_lock, fsync_dir, is_locked
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 10
@@ -448,7 +448,7 @@ class _Download:
     def run(self) -> DownloadResult:
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         lock = lock_path(self.dest)
-        if _lock_busy(lock):
+        if is_locked(lock):
             print(f"Waiting for another download of {self.dest.name} to finish...", file=sys.stderr, flush=True)
         with file_lock(lock):
             try:
@@ -519,23 +519,6 @@ class _Download:
             received=self.received,
             attempts=self.attempts,
         )
-
-
-def _lock_busy(lock: Path) -> bool:
-    """True when another process holds ``lock`` now (only used to explain a wait)."""
-    import fcntl
-
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:

@@ -12,7 +12,6 @@ import os
 import shlex
 import signal
 import socket
-import stat
 import subprocess
 import tarfile
 import threading
