@@ -85,10 +85,10 @@ def test_kill_script_ends_the_process_group(tmp_path):
     line = guest.wrap_command("sleep 60 & sleep 60; echo never", pidfile=str(pidfile))
     proc = subprocess.Popen(["sh", "-c", line], start_new_session=True, stdout=subprocess.PIPE)
     try:
-        for _ in range(200):
-            if pidfile.exists() and pidfile.read_text().strip():
-                break
-            threading.Event().wait(0.01)
+        deadline = time.monotonic() + 15
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, "the wrapped command never wrote its pidfile"
+            time.sleep(0.01)
         assert sh(guest.kill_script(str(pidfile), grace=2)).returncode == 0
         proc.wait(timeout=10)
         assert b"never" not in proc.stdout.read()
