@@ -298,7 +298,9 @@ def wrap_command(
     lines.append(body)
     lines.append("rc=$?")
     if watchdog:
-        lines.append("kill -KILL $w 2>/dev/null")
+        # Reaped with the shell's stderr closed for that step only: bash would otherwise print
+        # "line N: PID Killed ( trap '' TERM; ... )" after the command's output.
+        lines.append("{ kill -KILL $w; wait $w; } 2>/dev/null")
     if pidfile:
         lines.append(f"rm -f {shlex.quote(pidfile)}")
     lines.append("exit $rc")

@@ -342,6 +342,8 @@ def test_test_by_detection(vm, project):
     assert result.stdout.startswith("Running tests: pytest\n")
     assert "rootdir: /app" in result.stdout
     assert counts(result.stdout) == {"passed": 4}
+    # No job-control report from the guest's shell after the summary (the stdin watchdog it kills).
+    assert not re.search(r"Killed|\(wd: ", result.stdout + result.stderr), result.stdout + result.stderr
 
 
 def test_test_by_name_with_env(vm, project):
