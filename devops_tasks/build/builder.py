@@ -94,13 +94,23 @@ def plan(recipe: Recipe, refresh: bool | None = None, log: Log | None = None) ->
         kernel = Package(*data["kernel"])
     except (OSError, ValueError, KeyError, TypeError):
         log(f"Resolving packages for recipe {recipe.name}")
-        packages = apt.resolve(recipe.packages)
-        kernel = apt.kernel(recipe.kernel.package)
+        with _naming(recipe):
+            packages = apt.resolve(recipe.packages)
+            kernel = apt.kernel(recipe.kernel.package)
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps({"packages": [[p.name, p.version, p.arch] for p in packages],
                                     "kernel": [kernel.name, kernel.version, kernel.arch]}))
     digest = _version_hash(recipe, packages, kernel)
     return Plan(recipe, packages, kernel, f"{recipe.name}-{digest[:16]}", apt)
+
+
+@contextlib.contextmanager
+def _naming(recipe: Recipe):
+    """Prefix an error about the recipe's packages, kernel or modules with the recipe file."""
+    try:
+        yield
+    except ImageError as exc:
+        raise ImageError(f"{recipe.path}: {exc}") from None
 
 
 def _is_static(path: Path) -> bool:
@@ -140,7 +150,8 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     debs = p.apt.download([*p.packages, p.kernel])
     log(f"Unpacking {len(p.packages)} packages and kernel {p.kernel.name}")
     tree = KernelTree(_kernel_tree(debs[p.kernel]))
-    modules = tree.load_order(recipe.modules)  # an unknown module fails here, before the slow part
+    with _naming(recipe):
+        modules = tree.load_order(recipe.modules)  # an unknown module fails here, before the slow part
     root = work / "root"
     rootfs.extract([debs[pkg] for pkg in p.packages], root, jobs=max(2, os.cpu_count() or 2))
     epoch = rootfs.newest_mtime(root)
