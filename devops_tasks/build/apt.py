@@ -3,6 +3,7 @@ host's own apt state cannot change what a recipe resolves to."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -39,10 +40,63 @@ class Package:
         return f"{self.name}={self.version}"
 
 
+HOST_APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+
+
+def host_mirrors(roots=HOST_APT_SOURCES) -> dict[str, str]:
+    """Suite → mirror URI from the host's apt sources (one-line ``.list`` and deb822 ``.sources``)."""
+    files: list[Path] = []
+    for root in roots:
+        if root.is_dir():
+            files += sorted(p for p in root.iterdir() if p.suffix in (".list", ".sources"))
+        elif root.is_file():
+            files.append(root)
+    found: dict[str, str] = {}
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = {}
+                for line in stanza.splitlines():
+                    if ":" in line and not line.lstrip().startswith("#"):
+                        key, _, value = line.partition(":")
+                        fields[key.strip().lower()] = value.split()
+                if "deb" not in fields.get("types", []) or fields.get("enabled", ["yes"])[0] == "no":
+                    continue
+                for suite in fields.get("suites", []):
+                    for uri in fields.get("uris", [])[:1]:
+                        found.setdefault(suite, uri.rstrip("/"))
+        else:
+            for line in text.splitlines():
+                words = re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).split()
+                if len(words) >= 3 and words[0] == "deb":
+                    found.setdefault(words[2], words[1].rstrip("/"))
+    return found
+
+
+def with_host_mirrors(source: AptSource, roots=HOST_APT_SOURCES) -> AptSource:
+    """Fill empty mirrors from the host's apt sources; no mirror at all is a clear error."""
+    if source.mirror and source.security_mirror:
+        return source
+    mirrors = host_mirrors(roots)
+    mirror = source.mirror or mirrors.get(source.suite, "")
+    if not mirror:
+        raise ImageError(
+            f"no Debian mirror for suite '{source.suite}' in the host's apt sources "
+            "(/etc/apt/sources.list*): set apt.mirror in the recipe"
+        )
+    security = source.security_mirror or mirrors.get(f"{source.suite}-security", "")
+    return dataclasses.replace(source, mirror=mirror, security_mirror=security)
+
+
 class Apt:
     """apt-get/apt-cache against a private state dir under the build cache."""
 
     def __init__(self, source: AptSource, cache: Path, log: Log | None = None):
+        source = with_host_mirrors(source)
         self.source = source
         key = hashlib.sha256(repr((source.mirror, source.security_mirror, source.suite,
                                    source.components, source.architecture)).encode()).hexdigest()[:12]

@@ -30,10 +30,11 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 @dataclass(frozen=True)
 class AptSource:
-    """Where packages come from; part of the recipe so the version hash covers it."""
+    """Where packages come from. An empty mirror means the one the host's apt uses for the suite
+    (so a build goes wherever this machine's apt is allowed to go)."""
 
-    mirror: str = "http://deb.debian.org/debian"
-    security_mirror: str = "http://deb.debian.org/debian-security"
+    mirror: str = ""
+    security_mirror: str = ""
     suite: str = "bookworm"
     components: tuple[str, ...] = ("main",)
     architecture: str = "amd64"
