@@ -52,6 +52,7 @@ LABELS = {"ssh": "SSH agent", "gh": "gh", "anthropic": "anthropic", "git": "git"
 GUEST_GH_DIR = "/root/.config/gh"
 GUEST_SECRETS_DIR = "/run/devops-tasks-claude"  # tmpfs in the guest: never on the VM's disk
 NOT_INSTALLED_STATUS = 42
+MOUNT_CONFINE = "require"  # the project mount's sftp-server must be sandboxed (guest.confine_mode)
 
 NOT_INSTALLED = (
     "claude is not installed in the VM image: build an image whose recipe installs it "
@@ -393,6 +394,9 @@ def claude(
 
     kinds = resolve_auth(opts)  # bad input fails before anything starts
     root = _project_dir(project_dir)
+    # The agent must not reach the host's files through the mount: no sandboxed sftp-server, no
+    # claude (unless CORE_MOUNT_CONFINE=off), said before a VM is booted for nothing.
+    guest.sftp_server_command(root, confine=MOUNT_CONFINE)
     environ = os.environ if environ is None else environ
     home = Path(environ.get("HOME") or Path.home()) if home is None else Path(home)
     reader = git_config_reader or (lambda key: host_git_config(key, cwd=root))
@@ -412,7 +416,7 @@ def claude(
                     raise GuestError(NOT_INSTALLED)
                 if code != 0:
                     raise GuestError(f"preparing the VM for claude failed (status {code})")
-                with guest.Mount(conn, root, guest.GUEST_APP_DIR):
+                with guest.Mount(conn, root, guest.GUEST_APP_DIR, confine=MOUNT_CONFINE):
                     if creds.gh_dir is not None:
                         install_gh(conn, creds.gh_dir)
                     if creds.env:

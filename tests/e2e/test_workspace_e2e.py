@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -297,6 +298,31 @@ def test_mount_edits_both_ways_repeated_and_nested(vm, project, tmp_path):
             assert guest.capture(conn, "grep ' /app ' /proc/mounts")[0] != 0
     assert not (tmp_path / "pwned-ws").exists() and not (tmp_path / "pwned-bt").exists()
     assert "pwned" not in vm.guest("ls / /root /tmp /app 2>/dev/null").stdout
+
+
+def test_mount_reaches_nothing_outside_the_project(vm, project, tmp_path):
+    """The host's sftp-server runs in a bubblewrap sandbox holding only the project: with
+    ``follow_symlinks`` the server itself resolves links, and still finds nothing outside."""
+    if guest.confine_mode() == "off":
+        pytest.skip("CORE_MOUNT_CONFINE=off")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("PRIVATE KEY\n")
+    (project / "link-out").symlink_to(secret)
+    (project / "root-link").symlink_to("/")
+    options = (*guest.SSHFS_OPTIONS, "follow_symlinks")
+    with guest.session(vm.target()) as conn, guest.Mount(conn, project, options=options) as mount:
+        assert mount.confined
+        assert guest.capture(conn, "cat /app/hello.py")[0] == 0
+        code, out, _ = guest.capture(conn, "cat /app/link-out")
+        assert code != 0 and "PRIVATE" not in out
+        through_root = f"/app/root-link{secret}"
+        code, out, _ = guest.capture(conn, f"cat {shlex.quote(through_root)} /app/root-link/etc/shadow")
+        assert code != 0 and "PRIVATE" not in out and "root:" not in out
+        code, out, err = guest.capture(conn, "ls /app/root-link/ /app/root-link/etc/")
+        assert code == 0, err
+        assert not {"root", "home", "proc", "var", "shadow", "hostname"} & set(out.split()), out
+        code, _, _ = guest.capture(conn, "echo x > /app/root-link/etc/planted || mkdir /app/root-link/planted")
+        assert code != 0
 
 
 def test_mount_errors_say_why(vm, tmp_path):

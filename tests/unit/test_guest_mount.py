@@ -219,3 +219,23 @@ def test_mount_says_when_sftp_server_is_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("CORE_SFTP_SERVER", raising=False)
     with pytest.raises(GuestError, match="apt-get install openssh-sftp-server"):
         guest.Mount(LocalConn(), tmp_path).start()
+
+
+@needs_fuse
+def test_mount_does_not_follow_a_link_out_of_the_project(point, project, tmp_path, monkeypatch):
+    """sshfs -o follow_symlinks makes the host's server resolve links: the sandbox (bubblewrap)
+    has nothing outside the project for them to reach."""
+    monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("PRIVATE\n")
+    (project / "link-out").symlink_to(secret)
+    (project / "link-in").symlink_to("hello.txt")
+    try:
+        guest.sftp_server_command(project, confine="require")
+    except GuestError as exc:
+        pytest.skip(f"bubblewrap cannot run here: {exc}")
+    with guest.Mount(LocalConn(), project, str(point), timeout=15, options=("follow_symlinks",)) as mount:
+        assert mount.confined
+        assert (point / "link-in").read_text() == "hello\n"
+        with pytest.raises(OSError):
+            (point / "link-out").read_text()

@@ -26,6 +26,7 @@ from devops_tasks.errors import DevopsError, GuestError, ProjectError
 from devops_tasks.options import ClaudeOptions
 
 SECRET = "sk-ant-unit-" + "Zq9" * 8
+REAL_SFTP_SERVER_COMMAND = guest.sftp_server_command
 
 
 # --------------------------------------------------------------------------- resolve_auth
@@ -243,6 +244,7 @@ class Guest:
         self.fed = []  # (command, data)
         self.prepare_status = 0
         self.status = 0
+        self.confine = []  # ("check" or "mount", the confine mode asked for)
 
 
 @pytest.fixture
@@ -264,6 +266,7 @@ def fake(monkeypatch, tmp_path):
     class Mount:
         def __init__(self, conn, host_dir, guest_dir="/app", **kw):
             g.calls.append(("mount", Path(host_dir), guest_dir))
+            g.confine.append(("mount", kw.get("confine")))
 
         def __enter__(self):
             return self
@@ -288,7 +291,11 @@ def fake(monkeypatch, tmp_path):
         return g.status
 
     monkeypatch.setattr(guest, "session", session)
+    def sftp_server_command(host_dir, server=None, confine=None, environ=None):
+        g.confine.append(("check", confine))
+
     monkeypatch.setattr(guest, "Mount", Mount)
+    monkeypatch.setattr(guest, "sftp_server_command", sftp_server_command)
     monkeypatch.setattr(guest, "capture", capture)
     monkeypatch.setattr(sandbox, "run_session", run_foreground)
     monkeypatch.setattr(sandbox, "feed", feed)
@@ -400,6 +407,32 @@ def test_claude_bad_input_fails_before_the_vm(dev, fake, tmp_path, host_home):
     with pytest.raises(ProjectError):
         sandbox.claude(dev, tmp_path / "missing", ClaudeOptions(), environ={}, home=host_home)
     assert dev.booted == 0 and fake.calls == []
+
+
+def test_claude_asks_for_a_confined_mount(dev, fake, tmp_path, host_home):
+    dev.booted = 1
+    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home) == 0
+    assert fake.confine == [("check", "require"), ("mount", "require")]
+
+
+def test_claude_refuses_an_unconfined_mount_before_booting(dev, fake, tmp_path, host_home, monkeypatch):
+    monkeypatch.setattr(guest, "sftp_server_command", REAL_SFTP_SERVER_COMMAND)
+    monkeypatch.setattr(guest, "find_bwrap", lambda environ=None: None)
+    monkeypatch.setattr(guest, "find_sftp_server", lambda environ=None: "/usr/lib/openssh/sftp-server")
+    monkeypatch.setattr(guest, "_warned", set())
+    monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    with pytest.raises(GuestError) as info:
+        run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home)
+    message = str(info.value)
+    assert "refusing to mount the project unconfined" in message and "apt-get install bubblewrap" in message
+    assert "CORE_MOUNT_CONFINE=off" in message and "\n" not in message
+    assert dev.booted == 0 and fake.calls == []
+    monkeypatch.setenv("CORE_MOUNT_CONFINE", "auto")  # auto is not enough for claude
+    with pytest.raises(GuestError, match="refusing to mount the project unconfined"):
+        run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home)
+    monkeypatch.setenv("CORE_MOUNT_CONFINE", "off")  # said explicitly: runs
+    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home) == 0
+    assert dev.booted == 1
 
 
 def test_claude_ctrl_c_cleans_up(dev, fake, tmp_path, host_home, monkeypatch):
