@@ -349,7 +349,7 @@ def test_find_sftp_server_override_and_error(tmp_path, monkeypatch):
     assert guest.find_sftp_server({"CORE_SFTP_SERVER": str(fake)}) == str(fake)
     with pytest.raises(GuestError, match="not an executable"):
         guest.find_sftp_server({"CORE_SFTP_SERVER": str(tmp_path / "none")})
-    monkeypatch.setattr(guest, "SFTP_SERVER_CANDIDATES", (str(tmp_path / "none"),))
+    monkeypatch.setattr(guest.sftp_server, "SFTP_SERVER_CANDIDATES", (str(tmp_path / "none"),))
     with pytest.raises(GuestError, match="openssh-sftp-server"):
         guest.find_sftp_server({})
 

@@ -215,7 +215,7 @@ def test_mount_says_when_the_folder_is_missing(tmp_path):
 
 
 def test_mount_says_when_sftp_server_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(guest, "SFTP_SERVER_CANDIDATES", (str(tmp_path / "none"),))
+    monkeypatch.setattr(guest.sftp_server, "SFTP_SERVER_CANDIDATES", (str(tmp_path / "none"),))
     monkeypatch.delenv("CORE_SFTP_SERVER", raising=False)
     with pytest.raises(GuestError, match="apt-get install openssh-sftp-server"):
         guest.Mount(LocalConn(), tmp_path).start()

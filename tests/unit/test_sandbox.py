@@ -417,9 +417,9 @@ def test_claude_asks_for_a_confined_mount(dev, fake, tmp_path, host_home):
 
 def test_claude_refuses_an_unconfined_mount_before_booting(dev, fake, tmp_path, host_home, monkeypatch):
     monkeypatch.setattr(guest, "sftp_server_command", REAL_SFTP_SERVER_COMMAND)
-    monkeypatch.setattr(guest, "find_bwrap", lambda environ=None: None)
-    monkeypatch.setattr(guest, "find_sftp_server", lambda environ=None: "/usr/lib/openssh/sftp-server")
-    monkeypatch.setattr(guest, "_warned", set())
+    monkeypatch.setattr(guest.sftp_server, "find_bwrap", lambda environ=None: None)
+    monkeypatch.setattr(guest.sftp_server, "find_sftp_server", lambda environ=None: "/usr/lib/openssh/sftp-server")
+    monkeypatch.setattr(guest.sftp_server, "_warned", set())
     monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
     with pytest.raises(GuestError) as info:
         run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home)

@@ -56,8 +56,8 @@ needs_bwrap = pytest.mark.skipif(bool(BWRAP_PROBLEM), reason=BWRAP_PROBLEM or "-
 @pytest.fixture
 def fresh(monkeypatch):
     """No remembered probe or warning from an earlier test; CORE_MOUNT_CONFINE unset."""
-    monkeypatch.setattr(guest, "_probed", {})
-    monkeypatch.setattr(guest, "_warned", set())
+    monkeypatch.setattr(guest.sftp_server, "_probed", {})
+    monkeypatch.setattr(guest.sftp_server, "_warned", set())
     monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
 
 
@@ -180,7 +180,7 @@ def test_confine_mode(fresh):
 
 @pytest.mark.skipif(SFTP_SERVER is None, reason="no sftp-server on this machine (openssh-sftp-server)")
 def test_without_bwrap_auto_warns_once_and_require_refuses(tmp_path, fresh, monkeypatch, capsys):
-    monkeypatch.setattr(guest, "find_bwrap", lambda environ=None: None)
+    monkeypatch.setattr(guest.sftp_server, "find_bwrap", lambda environ=None: None)
     plain = guest.sftp_server_command(tmp_path, environ={})
     assert not plain.confined
     assert plain.argv == (SFTP_SERVER, "-e", "-d", str(tmp_path))
@@ -203,7 +203,7 @@ def test_a_bwrap_that_cannot_sandbox_falls_back_or_refuses_with_its_reason(tmp_p
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(guest, "find_bwrap", lambda environ=None: str(fake))
+    monkeypatch.setattr(guest.sftp_server, "find_bwrap", lambda environ=None: str(fake))
     assert not guest.sftp_server_command(tmp_path, environ={}).confined
     warning = capsys.readouterr().err
     assert warning.count("\n") == 1
@@ -219,7 +219,7 @@ def test_mount_passes_confine_through(tmp_path, fresh, monkeypatch):
         asked.append(confine)
         raise GuestError("stop here")
 
-    monkeypatch.setattr(guest, "sftp_server_command", command)
+    monkeypatch.setattr(guest.mount, "sftp_server_command", command)
     with pytest.raises(GuestError, match="stop here"):
         guest.Mount(object(), tmp_path, confine="require").start()
     assert asked == ["require"]

@@ -1,0 +1,74 @@
+"""The guest part: SSH to a running VM. Knows nothing about QEMU.
+
+One concern a module; every public name is re-exported here, so callers write ``guest.X``:
+
+* :mod:`.connection`: :class:`Target` and :func:`connect`, the one (strict) factory for Fabric
+  connections to a VM.
+* :mod:`.commands`: :func:`run` and :func:`capture` run shell commands in the guest; Ctrl-C and
+  lost clients end the command's process tree there.
+* :mod:`.openssh`: :func:`ssh_argv`, the same policy for OpenSSH (``shell``, ``claude``), with
+  connection multiplexing, and :func:`run_foreground`.
+* :mod:`.sftp_server`: the host's ``sftp-server`` and the bubblewrap sandbox that confines it to
+  the project.
+* :mod:`.mount`: :class:`Mount`, a host folder in the guest (reverse SSHFS).
+* :mod:`.forward`: :class:`Forward`, 127.0.0.1:PORT on the host to a port in the guest.
+
+A test that replaces a module-level name must patch the module that looks it up (e.g.
+``guest.sftp_server.find_bwrap``), not this package. Fabric and Paramiko are imported inside
+functions so ``import devops_tasks`` stays fast.
+"""
+
+from .commands import capture, env_exports, kill_remote, kill_script, quote_words, run, wrap_command
+from .connection import CONNECT_TIMEOUT, GUEST_USER, LOOPBACK, Target, agent_socket, check_target, connect, session
+from .forward import Forward, bind_local
+from .mount import GUEST_APP_DIR, MOUNT_TIMEOUT, SSHFS_OPTIONS, Mount, fsname_for, mount_script, unmount_script
+from .openssh import CONTROL_PERSIST, close_master, control_path, run_foreground, ssh_argv, ssh_options
+from .sftp_server import (
+    CONFINE_MODES,
+    SFTP_SERVER_CANDIDATES,
+    SftpServerCommand,
+    confine_mode,
+    find_bwrap,
+    find_sftp_server,
+    sftp_server_command,
+)
+
+__all__ = [
+    "CONFINE_MODES",
+    "CONNECT_TIMEOUT",
+    "CONTROL_PERSIST",
+    "Forward",
+    "GUEST_APP_DIR",
+    "GUEST_USER",
+    "LOOPBACK",
+    "MOUNT_TIMEOUT",
+    "Mount",
+    "SFTP_SERVER_CANDIDATES",
+    "SSHFS_OPTIONS",
+    "SftpServerCommand",
+    "Target",
+    "agent_socket",
+    "bind_local",
+    "capture",
+    "check_target",
+    "close_master",
+    "confine_mode",
+    "connect",
+    "control_path",
+    "env_exports",
+    "find_bwrap",
+    "find_sftp_server",
+    "fsname_for",
+    "kill_remote",
+    "kill_script",
+    "mount_script",
+    "quote_words",
+    "run",
+    "run_foreground",
+    "session",
+    "sftp_server_command",
+    "ssh_argv",
+    "ssh_options",
+    "unmount_script",
+    "wrap_command",
+]

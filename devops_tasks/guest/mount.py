@@ -1,0 +1,351 @@
+"""The project mount: a host folder in the guest (``/app``) the way Lima does it (reverse SSHFS).
+
+The host's ``sftp-server`` (:mod:`.sftp_server`) talks to the guest's ``sshfs -o slave`` over an
+SSH channel, so the host needs no SSH server. The host path is only ever an argv word on the host
+(``sftp-server -d``); it never reaches a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shlex
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+from ..errors import GuestError
+from .commands import capture
+from .sftp_server import SftpServerCommand, sftp_server_command
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fabric import Connection
+
+GUEST_APP_DIR = "/app"
+MOUNT_TIMEOUT = 30.0
+
+# sshfs options. Correctness first: edits on the host must show in the guest promptly, so the
+# kernel page cache is dropped on every open (no kernel_cache/auto_cache) and sshfs's own directory
+# and stat cache lives 1 s instead of 20 s (about the same as the kernel's 1 s attribute cache).
+# allow_other lets non-root users in the guest (e.g. a sandboxed agent) use the mount.
+SSHFS_OPTIONS = ("dcache_timeout=1", "allow_other")
+
+_MARK = "devops-tasks:"
+
+
+def fsname_for(host_dir: Path) -> str:
+    """The mount's source name in the guest's /proc/mounts: a hash of the host path (never the
+    path itself, which may hold anything), so a repeated mount of the same folder is recognised."""
+    digest = hashlib.sha256(os.fsencode(str(host_dir))).hexdigest()[:16]
+    return f"devops-tasks:{digest}"
+
+
+def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str] = SSHFS_OPTIONS) -> str:
+    """Guest script for the mount channel. Its stdin/stdout carry SFTP; it reports on stderr.
+
+    * ``/app`` already holds a live mount of the same folder → ``reuse`` (nothing mounted).
+    * a live mount of something else → ``busy`` (refuse: another command is using ``/app``).
+    * a dead mount (its sshfs gone) → lazily unmounted, then mounted afresh.
+    * sshfs or FUSE missing → an ``error:`` line saying so.
+    * otherwise sshfs runs in the background on this channel's stdin/stdout and the script waits
+      for ``/proc/mounts`` to list it (``mounted``), then for sshfs to end.
+    """
+    d = shlex.quote(guest_dir)
+    mine = shlex.quote(f"{fsname}:{token}")
+    prefix = shlex.quote(f"{fsname}:")
+    opts = ",".join(["slave", f"fsname={fsname}:{token}", *options])
+    return f"""\
+D={d}; F={mine}; P={prefix}
+say() {{ echo "{_MARK} $*" >&2; }}
+top() {{ awk -v d="$D" '$2 == d {{ s = $1 " " $3 }} END {{ print s }}' /proc/mounts; }}
+set -- $(top)
+if [ -n "$1" ]; then
+  if [ -d "$D/." ]; then
+    case "$1" in "$P"*) say reuse; exit 0;; esac
+    say "busy $1 $2"; exit 3
+  fi
+  umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null
+  say "stale $1"
+fi
+s=$(command -v sshfs 2>/dev/null)
+[ -n "$s" ] && [ -f "$s" ] && [ -x "$s" ] || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
+[ -c /dev/fuse ] || modprobe fuse 2>/dev/null
+[ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
+mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+exec 3<&0
+sshfs : "$D" -f -o {shlex.quote(opts)} <&3 3<&- &
+pid=$!
+exec 3<&-
+i=0
+until awk -v d="$D" -v f="$F" '$2 == d && $1 == f {{ ok = 1 }} END {{ exit !ok }}' /proc/mounts; do
+  if ! kill -0 "$pid" 2>/dev/null; then wait "$pid"; say "error: sshfs exited with status $? before the mount was ready"; exit 7; fi
+  i=$((i+1)); [ $i -le 2000 ] || {{ say "error: the mount did not appear"; kill "$pid"; exit 8; }}
+  sleep 0.02
+done
+say mounted
+wait "$pid"
+"""
+
+
+def unmount_script(guest_dir: str, fsname: str, token: str) -> str:
+    """Unmount ``guest_dir`` only when its top mount is still this one (never someone else's)."""
+    d = shlex.quote(guest_dir)
+    mine = shlex.quote(f"{fsname}:{token}")
+    return (
+        f"D={d}; F={mine}\n"
+        "top=$(awk -v d=\"$D\" '$2 == d { s = $1 } END { print s }' /proc/mounts)\n"
+        "[ \"$top\" = \"$F\" ] || exit 0\n"
+        "umount \"$D\" 2>/dev/null || umount -l \"$D\" 2>/dev/null || fusermount3 -uz \"$D\" 2>/dev/null"
+        " || fusermount -uz \"$D\"\n"
+    )
+
+
+def _read_errors(lines: Sequence[str]) -> str:
+    text = "; ".join(line.strip() for line in lines if line.strip())
+    return text[-800:]
+
+
+class Mount:
+    """Mount a host folder in the guest (default ``/app``) for the ``with`` block.
+
+    ``with Mount(conn, project_dir):`` — ready when the block starts, unmounted when it ends (also
+    on Ctrl-C or an error). A second mount of the same folder while one is live reuses it; a live
+    mount of another folder at the same place is an error, and a dead one is cleaned up first.
+
+    The host's sftp-server runs in a sandbox that sees only the project (:func:`sftp_server_command`;
+    ``confine``: see :func:`confine_mode`). Start and stop a mount in one thread that outlives it
+    (the sandbox dies with the thread that started it: ``bwrap --die-with-parent``).
+    """
+
+    def __init__(
+        self,
+        conn: "Connection",
+        host_dir: os.PathLike | str,
+        guest_dir: str = GUEST_APP_DIR,
+        timeout: float = MOUNT_TIMEOUT,
+        options: Sequence[str] = SSHFS_OPTIONS,
+        sftp_server: Optional[str] = None,
+        confine: Optional[str] = None,
+    ):
+        self.conn = conn
+        self.requested = host_dir
+        self.guest_dir = guest_dir
+        self.timeout = timeout
+        self.options = tuple(options)
+        self.sftp_server = sftp_server
+        self.confine = confine
+        self.confined = False
+        self.token = secrets.token_hex(4)
+        self.host_dir: Optional[Path] = None
+        self.reused = False
+        self.mounted = False
+        self._proc: Optional[subprocess.Popen] = None
+        self._chan = None
+        self._threads: list[threading.Thread] = []
+        self._messages: deque[str] = deque(maxlen=50)
+        self._sftp_errors: deque[str] = deque(maxlen=20)
+        self._state = threading.Event()
+        self._outcome = ""
+
+    # -- public -------------------------------------------------------------------------------
+    def __enter__(self) -> "Mount":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.host_dir = _host_dir(self.requested)
+        server = sftp_server_command(self.host_dir, self.sftp_server, self.confine)
+        self.confined = server.confined
+        self.fsname = fsname_for(self.host_dir)
+        try:
+            self._start(server)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def stop(self) -> None:
+        """Unmount (when this mount made it) and end the channel and the host's sftp-server."""
+        if self.mounted and not self.reused:
+            with contextlib.suppress(Exception):
+                capture(self.conn, unmount_script(self.guest_dir, self.fsname, self.token), timeout=15)
+        self.mounted = False
+        self._teardown()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _start(self, server: SftpServerCommand) -> None:
+        try:
+            self._proc = server.start(
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,  # Ctrl-C in the terminal must not kill it mid-unmount
+            )
+        except OSError as exc:
+            raise GuestError(f"cannot start {server.argv[0]}: {exc.strerror or exc}") from None
+        transport = self.conn.client.get_transport() if self.conn.is_connected else None
+        if transport is None:
+            self.conn.open()
+            transport = self.conn.client.get_transport()
+        self._chan = transport.open_session(timeout=self.timeout)
+        self._chan.exec_command(mount_script(self.guest_dir, self.fsname, self.token, self.options))
+        proc, chan = self._proc, self._chan
+        self._spawn(self._pump_up, proc, chan)
+        self._spawn(self._pump_down, proc, chan)
+        self._spawn(self._read_messages, chan)
+        self._spawn(self._read_sftp_errors, proc)
+        deadline = time.monotonic() + self.timeout
+        while not self._state.wait(0.05):
+            if self._chan.exit_status_ready() and not self._state.is_set():
+                self._state.wait(0.5)  # let the last stderr lines arrive
+                break
+            if time.monotonic() > deadline:
+                raise GuestError(
+                    f"mounting {self.host_dir} at {self.guest_dir} timed out after {self.timeout:.0f} s"
+                    + self._why()
+                )
+        outcome = self._outcome
+        if outcome == "mounted":
+            self.mounted = True
+            return
+        if outcome == "reuse":
+            self.mounted = self.reused = True
+            self._teardown()
+            return
+        if outcome.startswith("busy"):
+            raise GuestError(
+                f"{self.guest_dir} in the VM already holds a live mount of another folder "
+                f"({outcome[5:].strip()}); another test/serve/claude command is using it: stop it first"
+            )
+        raise GuestError(f"cannot mount {self.host_dir} at {self.guest_dir} in the VM" + self._why())
+
+    def _why(self) -> str:
+        errors = [m[len("error:"):].strip() for m in self._messages if m.startswith("error:")]
+        other = [m for m in self._messages if not m.startswith(("error:", "stale", "mounted", "reuse"))]
+        parts = errors + other + [f"sftp-server: {line}" for line in self._sftp_errors]
+        if self._chan is not None and self._chan.exit_status_ready():
+            code = self._chan.recv_exit_status()
+            if not errors and code not in (0, -1):
+                parts.append(f"exit status {code}")
+        text = _read_errors(parts)
+        return f": {text}" if text else ""
+
+    def _spawn(self, target: Callable[..., None], *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"mount{target.__name__}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    @staticmethod
+    def _pump_up(proc: subprocess.Popen, chan) -> None:
+        """sftp-server's replies → the guest's sshfs."""
+        try:
+            fd = proc.stdout.fileno()
+            while True:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    break
+                chan.sendall(data)
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                chan.shutdown_write()
+
+    @staticmethod
+    def _pump_down(proc: subprocess.Popen, chan) -> None:
+        """The guest's sshfs requests → sftp-server."""
+        try:
+            fd = proc.stdin.fileno()
+            while True:
+                data = chan.recv(1 << 16)
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()
+
+    def _read_messages(self, chan) -> None:
+        buffer = b""
+        try:
+            while True:
+                data = chan.recv_stderr(4096)
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    raw, buffer = buffer.split(b"\n", 1)
+                    self._message(raw.decode("utf-8", "replace"))
+        except (OSError, EOFError):
+            pass
+        if buffer:
+            self._message(buffer.decode("utf-8", "replace"))
+        self._state.set()
+
+    def _message(self, line: str) -> None:
+        line = line.rstrip("\r")
+        if line.startswith(_MARK):
+            text = line[len(_MARK):].strip()
+            self._messages.append(text)
+            if text in ("mounted", "reuse") or text.startswith(("busy", "error:")):
+                if not self._outcome:
+                    self._outcome = text
+                self._state.set()
+        elif line.strip():
+            self._messages.append(line.strip())  # sshfs's own words (e.g. a bad option)
+
+    def _read_sftp_errors(self, proc: subprocess.Popen) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(proc.stderr.readline, b""):
+                self._sftp_errors.append(raw.decode("utf-8", "replace").strip())
+
+    def _teardown(self) -> None:
+        chan, self._chan = self._chan, None
+        proc, self._proc = self._proc, None
+        if chan is not None:
+            with contextlib.suppress(Exception):
+                chan.shutdown_write()  # sshfs reads EOF and ends
+            deadline = time.monotonic() + 5
+            while not chan.exit_status_ready() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with contextlib.suppress(Exception):
+                chan.close()
+        if proc is not None:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._threads = []
+
+
+def _host_dir(path: os.PathLike | str) -> Path:
+    raw = Path(path).expanduser()
+    try:
+        resolved = raw.resolve(strict=True)
+    except FileNotFoundError:
+        raise GuestError(f"cannot mount {raw}: no such directory") from None
+    except (OSError, RuntimeError) as exc:
+        raise GuestError(f"cannot mount {raw}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not resolved.is_dir():
+        raise GuestError(f"cannot mount {raw}: not a directory")
+    if not os.access(resolved, os.R_OK | os.X_OK):
+        raise GuestError(f"cannot mount {raw}: permission denied")
+    return resolved

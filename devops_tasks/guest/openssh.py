@@ -1,0 +1,163 @@
+"""The OpenSSH client: its argv with the same policy as :func:`~.connection.connect`, and
+connection multiplexing.
+
+:func:`ssh_argv` is used for ``shell`` and ``claude``: OpenSSH gives the interactive terminal
+(resize, Ctrl-C, Ctrl-D, ``~.``) exactly as ``ssh`` does, and its connection multiplexing makes
+``devops shell -- CMD`` cheaper than a plain ``ssh`` (see :func:`control_path`).
+:func:`run_foreground` runs it attached to this terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import GuestError
+from .commands import quote_words
+from .connection import CONNECT_TIMEOUT, Target, agent_socket
+
+CONTROL_PERSIST = 600  # seconds an idle OpenSSH master stays up (it dies with the VM anyway)
+
+
+def control_path(target: Target, agent: Optional[str] = None) -> Optional[Path]:
+    """The OpenSSH master socket for this VM, or None when no safe place exists.
+
+    A master (``ControlMaster=auto``, ``ControlPersist``) keeps one authenticated connection per VM
+    open, so each later ``shell -- CMD`` opens a channel on it instead of a new TCP + key exchange
+    (Lima does the same). It dies with the VM, whose QEMU holds the TCP connection's other end.
+    The socket lives in a private folder with a short name (a Unix socket path has ~100 bytes).
+    A master forwards the agent it was started with, so ``agent`` (the socket to forward, or None)
+    is part of the name: with and without an agent are two masters.
+    """
+    if os.environ.get("CORE_SSH_MULTIPLEX", "1").strip().lower() in ("0", "no", "false", "off"):
+        return None
+    key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}|{agent or ''}"
+    name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".sock"
+    for base in (os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
+        folder = Path(base) / f"devops-tasks-{os.getuid()}" if base else None
+        # OpenSSH adds a 17-character suffix while it sets the master up; sun_path is 104-108 bytes.
+        if folder is None or len(str(folder / name)) + 17 >= 100:
+            continue
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            info = os.lstat(folder)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None  # someone else's or a loose folder: do not multiplex through it
+        return folder / name
+    return None
+
+
+def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = True) -> list[str]:
+    """OpenSSH options with the same policy as :func:`connect`."""
+    opts = [
+        "-F", "/dev/null",  # no ~/.ssh/config, no /etc/ssh/ssh_config surprises
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={target.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "UpdateHostKeys=no",
+        "-o", "CheckHostIP=no",
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"IdentityFile={target.identity}",
+        # IdentityAgent=none also unsets SSH_AUTH_SOCK in ssh, which would break -A: only without it.
+        "-o", "IdentityAgent=none" if not forward_agent else "IdentityAgent=SSH_AUTH_SOCK",
+        "-o", "BatchMode=yes",
+        "-o", "PasswordAuthentication=no",
+        "-o", "KbdInteractiveAuthentication=no",
+        "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT)}",
+        "-o", "ServerAliveInterval=15",
+        "-o", "LogLevel=ERROR",
+        "-p", str(target.port),
+    ]
+    control = control_path(target, agent_socket() if forward_agent else None) if multiplex else None
+    if control is not None:
+        opts += [
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={control}",
+            "-o", f"ControlPersist={CONTROL_PERSIST}",
+        ]
+    else:
+        opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    if forward_agent:
+        opts += ["-A"]
+    else:
+        opts += ["-a"]
+    return opts
+
+
+def ssh_argv(
+    target: Target,
+    command: Sequence[str] = (),
+    forward_agent: bool = True,
+    tty: Optional[bool] = None,
+    multiplex: bool = True,
+    ssh: str = "ssh",
+) -> list[str]:
+    """The ``ssh`` argv for a login shell (no ``command``) or for running ``command``'s words.
+
+    The words are joined with :func:`shlex.join`, so the guest's shell splits them back into
+    exactly these words: spaces, quotes, ``$`` and globs arrive as typed. ``tty`` None is ssh's
+    own rule (a pty for a login shell on a terminal, none for a command). The agent is forwarded
+    only when asked and a local agent exists.
+    """
+    agent = bool(forward_agent and agent_socket() is not None)
+    argv = [ssh, *ssh_options(target, forward_agent=agent, multiplex=multiplex)]
+    if tty is True:
+        argv.append("-tt" if command else "-t")
+    elif tty is False:
+        argv.append("-T")
+    argv.append(f"{target.user}@{target.host}")
+    if command:
+        argv += ["--", quote_words(command)]
+    return argv
+
+
+def close_master(target: Target) -> None:
+    """Ask this VM's OpenSSH masters (with and without the current agent) to exit."""
+    for agent in {None, agent_socket()}:
+        control = control_path(target, agent)
+        if control is None or not control.exists():
+            continue
+        argv = ["ssh", "-F", "/dev/null", "-o", f"ControlPath={control}", "-p", str(target.port),
+                "-O", "exit", f"{target.user}@{target.host}"]
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+
+
+def run_foreground(argv: Sequence[str]) -> int:
+    """Run a program attached to this terminal and return its exit status, as a shell would.
+
+    While it runs, SIGINT and SIGQUIT are ignored here: Ctrl-C belongs to the program (ssh puts the
+    terminal in raw mode and passes it on; without a terminal ssh itself gets the signal).
+    """
+    import signal
+
+    if shutil.which(argv[0]) is None:
+        raise GuestError(f"{argv[0]} not found (install openssh-client)")
+    in_main = threading.current_thread() is threading.main_thread()
+    saved = {}
+    if in_main:
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            saved[sig] = signal.signal(sig, signal.SIG_IGN)
+
+    def restore_child() -> None:  # the child gets default dispositions back
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    try:
+        proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
+        code = proc.wait()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if code < 0:  # killed by a signal: the shell's 128+N
+        return 128 - code
+    return code
