@@ -7,6 +7,7 @@ and the forward talks to a local echo server through a fake SSH transport.
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -106,7 +107,9 @@ def test_watchdog_ends_the_command_when_the_client_goes_away(tmp_path, shell):
     if shutil.which(shell) is None:
         pytest.skip(f"no {shell}")
     marker = tmp_path / "started"
-    line = guest.wrap_command(f"sleep 60 & touch {shlex.quote(str(marker))}; sleep 61", watchdog=True)
+    # durations unique to this run: other processes on the machine may be sleeping 60 s too
+    first, second = (f"{n}.{random.randrange(10**6):06d}" for n in (60, 61))
+    line = guest.wrap_command(f"sleep {first} & touch {shlex.quote(str(marker))}; sleep {second}", watchdog=True)
     proc = subprocess.Popen([shell, "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
@@ -115,8 +118,8 @@ def test_watchdog_ends_the_command_when_the_client_goes_away(tmp_path, shell):
             time.sleep(0.01)
         proc.stdin.close()  # the connection dropped
         proc.wait(timeout=10)
-        leftovers = sh("ps -eo args | grep -E '^sleep 6[01]$' || true").stdout
-        assert leftovers == ""
+        leftovers = [a for a in sh("ps -eo args").stdout.splitlines() if a in (f"sleep {first}", f"sleep {second}")]
+        assert leftovers == []
     finally:
         if proc.poll() is None:
             proc.kill()
