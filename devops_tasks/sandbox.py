@@ -28,10 +28,8 @@ import io
 import os
 import secrets
 import shlex
-import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,13 +265,6 @@ def cleanup_script(env_file: str = "") -> str:
     return "; ".join(parts) + "\n"
 
 
-def _interactive() -> bool:
-    try:
-        return sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # --------------------------------------------------------------------------- guest part
 
 
@@ -284,38 +275,7 @@ def run_session(argv: Sequence[str], grace: float = 5.0) -> int:
     ``workspace.stop_signals``) end the ssh session too (TERM, then KILL after ``grace`` s), so
     claude never runs on in the VM after its mount and credentials are gone.
     """
-    import signal
-    import threading
-
-    if shutil.which(argv[0]) is None:
-        raise GuestError(f"{argv[0]} not found (install openssh-client)")
-    in_main = threading.current_thread() is threading.main_thread()
-    saved = {}
-    if in_main:
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            saved[sig] = signal.signal(sig, signal.SIG_IGN)
-
-    def restore_child() -> None:
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
-
-    proc = None
-    try:
-        proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
-        code = proc.wait()
-    except BaseException:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        raise
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    return 128 - code if code < 0 else code
+    return guest.run_foreground(argv, terminate_grace=grace)
 
 
 def feed(conn: "Connection", command: str, data: bytes, timeout: float = 60.0) -> tuple[int, str]:
@@ -406,7 +366,7 @@ def claude(
     creds = gather_credentials(kinds, environ, home, reader)
     where = workspace.target(devops)
     guest.check_target(where)
-    tty = _interactive() if interactive is None else interactive
+    tty = guest.stdin_interactive() if interactive is None else interactive
     env_file = ""
     try:
         with workspace.stop_signals(), guest.session(where) as conn:

@@ -11,11 +11,8 @@ Each returns the guest command's exit status. Errors are :class:`DevopsError` su
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, ContextManager, Optional
 
 from . import guest
 from .errors import GuestError, NotRunningError, ProjectError
@@ -60,26 +57,14 @@ def target(devops: "DevOps") -> guest.Target:
     )
 
 
-@contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
+def stop_signals() -> ContextManager[None]:
     """SIGTERM and SIGHUP end ``test``/``serve`` the way Ctrl-C does (KeyboardInterrupt), so the
     guest command, the forward and the mount are cleaned up rather than left running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    saved = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            saved[sig] = signal.signal(sig, interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    return guest.signal_handlers(("SIGTERM", "SIGHUP"), interrupt)
 
 
 # --------------------------------------------------------------------------- shell

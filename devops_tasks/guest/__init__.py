@@ -18,7 +18,17 @@ A test that replaces a module-level name must patch the module that looks it up 
 functions so ``import devops_tasks`` stays fast.
 """
 
-from .commands import capture, env_exports, kill_remote, kill_script, quote_words, run, wrap_command
+from .commands import (
+    capture,
+    env_exports,
+    kill_remote,
+    kill_script,
+    quote_words,
+    run,
+    signal_handlers,
+    stdin_interactive,
+    wrap_command,
+)
 from .connection import CONNECT_TIMEOUT, GUEST_USER, LOOPBACK, Target, agent_socket, check_target, connect, session
 from .forward import Forward, bind_local
 from .mount import GUEST_APP_DIR, MOUNT_TIMEOUT, SSHFS_OPTIONS, Mount, fsname_for, mount_script, unmount_script
@@ -67,8 +77,10 @@ __all__ = [
     "run_foreground",
     "session",
     "sftp_server_command",
+    "signal_handlers",
     "ssh_argv",
     "ssh_options",
+    "stdin_interactive",
     "unmount_script",
     "wrap_command",
 ]

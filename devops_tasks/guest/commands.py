@@ -123,7 +123,8 @@ def kill_script(pidfile: str, grace: float = 3.0) -> str:
     )
 
 
-def _stdin_interactive() -> bool:
+def stdin_interactive() -> bool:
+    """Stdin and stdout are both terminals (ssh's rule for a pty)."""
     try:
         return sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
     except (AttributeError, ValueError):
@@ -153,7 +154,7 @@ def run(
     from invoke.exceptions import CommandTimedOut
 
     if pty is None:
-        pty = _stdin_interactive()
+        pty = stdin_interactive()
     pidfile = f"/tmp/.devops-tasks-run.{secrets.token_hex(8)}.pid"
     line = wrap_command(command, cwd=cwd, env=env, pidfile=pidfile, watchdog=not pty)
     kwargs = dict(warn=True, pty=pty, hide=hide, echo=False, timeout=timeout)
@@ -172,7 +173,7 @@ def run(
 
     signals = ["SIGTERM", "SIGHUP"] if pty else ["SIGINT", "SIGTERM", "SIGHUP"]
     try:
-        with _signal_handlers(signals, stop):
+        with signal_handlers(signals, stop):
             result = conn.run(line, **kwargs)
     except KeyboardInterrupt:  # with a pty, Invoke sends ^C itself and raises only when it gives up
         kill_remote(conn, pidfile)
@@ -187,7 +188,7 @@ def run(
 
 
 @contextlib.contextmanager
-def _signal_handlers(names: Sequence[str], handler: Callable) -> Iterator[None]:
+def signal_handlers(names: Sequence[str], handler: Callable) -> Iterator[None]:
     """Install ``handler`` for these signals (main thread only; ignored signals stay ignored)."""
     import signal
 

@@ -132,11 +132,14 @@ def close_master(target: Target) -> None:
             subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
 
 
-def run_foreground(argv: Sequence[str]) -> int:
+def run_foreground(argv: Sequence[str], terminate_grace: Optional[float] = None) -> int:
     """Run a program attached to this terminal and return its exit status, as a shell would.
 
     While it runs, SIGINT and SIGQUIT are ignored here: Ctrl-C belongs to the program (ssh puts the
     terminal in raw mode and passes it on; without a terminal ssh itself gets the signal).
+    ``terminate_grace``: when the wait here is interrupted (e.g. KeyboardInterrupt from
+    ``workspace.stop_signals``), end the program too (TERM, then KILL after that many seconds)
+    before the exception goes on; None leaves it running.
     """
     import signal
 
@@ -152,9 +155,19 @@ def run_foreground(argv: Sequence[str]) -> int:
         for sig in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
 
+    proc = None
     try:
         proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
         code = proc.wait()
+    except BaseException:
+        if terminate_grace is not None and proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=terminate_grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
