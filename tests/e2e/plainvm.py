@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 READY_LINE = b"devops-tasks: ssh ready"
 
 
@@ -30,12 +32,6 @@ def accel_args() -> list[str]:
     if re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.M) and os.access("/dev/kvm", os.R_OK | os.W_OK):
         return ["-accel", "kvm", "-cpu", "host"]
     return ["-accel", "tcg,thread=multi", "-cpu", "max"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PlainVM:

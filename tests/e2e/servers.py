@@ -22,13 +22,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from helpers import free_port
+
 CHUNK = 64 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -19,7 +19,9 @@ from devops_tasks import paths
 from devops_tasks.build import build_image, load_recipe
 from devops_tasks.errors import ImageError
 from devops_tasks.manifest import Manifest
-from plainvm import PlainVM, free_port
+
+from helpers import free_port
+from plainvm import PlainVM
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,6 @@ import re
 import secrets
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from devops_tasks.errors import GuestError
 from devops_tasks.manifest import ImageInfo, Manifest
 from devops_tasks.options import ClaudeOptions
 
+from helpers import free_port, wait_for
+
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).resolve().parent
@@ -39,23 +40,6 @@ RECORD = "/run/claude-stub.txt"
 CREDENTIAL_VARS = {"ANTHROPIC_API_KEY", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
                    "GIT_COMMITTER_EMAIL", "SSH_AUTH_SOCK"}
 GIT_NAME, GIT_EMAIL = "Ada Lovelace-E2E", "ada.e2e@example.com"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from devops_tasks.machine import process
 from devops_tasks.machine.records import VMDir, all_names, is_alive, proc_info
 from devops_tasks.manifest import ImageInfo, Manifest
 
+from helpers import free_port, wait_for
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +53,6 @@ class Core:
 
     def record(self, name: str = "core-dev"):
         return VMDir(name).load()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def qemu_pids(home: Path) -> list[int]:
@@ -130,16 +126,6 @@ def known_lines(port: int) -> list[str]:
     except FileNotFoundError:
         return []
     return [line for line in text.splitlines() if hostkeys.line_names_port(line, port)]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- with a real guest -----------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from devops_tasks.devops import DevOps
 from devops_tasks.errors import GuestError
 from devops_tasks.manifest import ImageInfo, Manifest
 
+from helpers import free_port, wait_for
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,23 +46,6 @@ EXAMPLE = REPO / "examples" / "hello-pytest"
 NASTY_WORDS = ["a b", "it's", '"q"', "$HOME", "$(touch /tmp/pwned)", "`id`", "*", "x;y", "é ü", "-n", "", "\\"]
 # A host folder name with spaces, quotes, non-ASCII and shell syntax: all of it is data.
 NASTY_DIR = "my proj 'q' \"d\" $(touch pwned-ws) `touch pwned-bt` ; é"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def default_sigint() -> None:
