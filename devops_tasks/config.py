@@ -161,6 +161,18 @@ def config_path() -> Path:
     return paths.config_path()
 
 
+def yaml_error(path: Path | str, exc: yaml.YAMLError) -> ConfigError:
+    """One wording for every YAML file the tool reads: the file, the line and column, the problem."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or "syntax error"
+        if exc.context and exc.problem:
+            problem += f" ({exc.context})"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return ConfigError(f"{path}: invalid YAML{where}: {problem}")
+    return ConfigError(f"{path}: invalid YAML: {exc}")
+
+
 def read_config_file(path: Path | None = None) -> dict[str, Any]:
     """The raw mapping in the config file ({} when missing); errors name the file and line."""
     path = Path(path) if path is not None else paths.config_path()
@@ -173,10 +185,7 @@ def read_config_file(path: Path | None = None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from exc
+        raise yaml_error(path, exc) from exc
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -33,6 +33,7 @@ from typing import Sequence, Union
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .config import yaml_error
 from .errors import ConfigError, ProjectError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -116,15 +117,8 @@ def _parse_yaml(path: Path, text: str) -> Node | None:
         return root
     except ConfigError:
         raise
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or "syntax error"
-        if exc.context and exc.problem:
-            problem += f" ({exc.context})"
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise yaml_error(path, exc) from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     finally:

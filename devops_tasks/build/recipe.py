@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ..config import yaml_error
 from ..errors import ConfigError
 
 BUILTIN_SERVICES = ("acpid", "network", "ssh")
@@ -258,10 +259,7 @@ def parse_recipe(text: str, source: Path, default_name: str = "") -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
+        raise yaml_error(source, exc) from None
     if data is None:
         raise ConfigError(f"{source}: the recipe is empty")
     f = _Fields(source, data, "")

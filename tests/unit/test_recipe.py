@@ -83,7 +83,7 @@ def test_unknown_field_names_file_and_field(tmp_path, text, field):
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"r\.yaml: invalid YAML \(line [23]\)"):
+    with pytest.raises(ConfigError, match=r"r\.yaml: invalid YAML at line [23], column \d+: "):
         parse("kernel: x\npackages: [a, b\nother: 1\n", tmp_path)
 
 
