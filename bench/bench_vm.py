@@ -75,7 +75,8 @@ def tool_boot_stop(memory: int, cpus: int) -> tuple[float, float, list[float]]:
 
 def plain_boot_stop(work: Path, image: Path, memory: int, cpus: int) -> tuple[float, float]:
     """The same QEMU argv, started by hand, then ``ssh true`` every 0.1 s until it succeeds."""
-    from devops_tasks import hostkeys
+    from devops_tasks import guest, hostkeys
+    from devops_tasks.lifecycle import target_for
     from devops_tasks.machine import process
     from devops_tasks.machine.qemu import MachineSpec, build_argv
     from devops_tasks.machine.records import is_vm_process, process_start
@@ -88,7 +89,8 @@ def plain_boot_stop(work: Path, image: Path, memory: int, cpus: int) -> tuple[fl
         authorized_keys=Path(str(hostkeys.login_key_path()) + ".pub"),
     )
     hostkeys.pin_host_key(port, spec.host_key)
-    ssh = hostkeys.ssh_argv(port, ["true"], connect_timeout=2)
+    ssh = guest.ssh_argv(target_for("bench", port), ["true"], forward_agent=False, tty=False, multiplex=False,
+                         connect_timeout=2)
     start = time.perf_counter()
     subprocess.run(build_argv(spec), check=True, stdin=subprocess.DEVNULL, start_new_session=True)
     while subprocess.run(ssh, capture_output=True, stdin=subprocess.DEVNULL).returncode != 0:

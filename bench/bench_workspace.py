@@ -105,7 +105,7 @@ def bench_shell(env: dict, target, runs: int) -> dict:
         ssh.append(timed(plain, env))
         nomux.append(timed([DEVOPS, "shell", "--", "true"], {**env, "CORE_SSH_MULTIPLEX": "0"}))
     python = [timed([sys.executable, "-c", "import devops_tasks.cli"], env) for _ in range(runs)]
-    fast_argv = [sys.executable, "-c", "import sys; from devops_tasks.workspace import fast_shell; "
+    fast_argv = [sys.executable, "-c", "import sys; from devops_tasks.cli import fast_shell; "
                  "sys.exit(fast_shell(['shell', '--', 'true']))"]
     fast, ssh2 = [], []
     for _ in range(runs):
@@ -118,7 +118,7 @@ def bench_shell(env: dict, target, runs: int) -> dict:
         "first devops shell (starts the master)": first,
         "devops shell, CORE_SSH_MULTIPLEX=0": median(nomux),
         "python -c 'import devops_tasks.cli'": median(python),
-        "fast path (workspace.fast_shell, no Invoke)": median(fast),
+        "fast path (cli.fast_shell, no Invoke)": median(fast),
         "ssh ... true (same rounds)": median(ssh2),
         "ratio fast path": median(fast) / median(ssh2),
     }
@@ -247,12 +247,12 @@ def main() -> int:
     image = image_path(args)
     work = Path(tempfile.mkdtemp(prefix="bench-ws-"))
     env = boot(image, work)
-    from devops_tasks import guest, workspace
+    from devops_tasks import guest
     from devops_tasks.devops import DevOps
 
     report: dict[str, dict] = {}
     try:
-        target = workspace.target(DevOps())
+        target = DevOps().vm.target()
         if "shell" in only:
             report["shell"] = show("shell", bench_shell(env, target, args.runs))
         if "mount" in only:
@@ -261,7 +261,7 @@ def main() -> int:
             report["test"] = show("test", bench_test(env, target, max(1, args.runs // 2)))
     finally:
         try:
-            guest.close_master(workspace.target(DevOps()))
+            guest.close_master(DevOps().vm.target())
         except Exception:
             pass
         subprocess.run([INV, "vm.stop"], env=env, capture_output=True, stdin=subprocess.DEVNULL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,17 +48,17 @@ class RegistryConfig:
 
 @dataclass
 class CDNConfig:
-    url: str = ""
+    url: str = DEFAULTS["images"]["cdn"]["url"]
 
 
 @dataclass
 class BuildConfig:
-    recipe: str = "minimal"
+    recipe: str = DEFAULTS["images"]["build"]["recipe"]
 
 
 @dataclass
 class ImagesConfig:
-    source: str = "auto"
+    source: str = DEFAULTS["images"]["source"]
     github: GitHubConfig = field(default_factory=GitHubConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cdn: CDNConfig = field(default_factory=CDNConfig)
@@ -68,12 +69,22 @@ class ImagesConfig:
 class VMConfig:
     """Defaults for ``vm.boot`` when a flag is not given (our addition to the original's config)."""
 
-    name: str = "core-dev"
-    memory: int = 4096
-    cpus: int = 2
-    ssh_port: int = 2222
-    accel: str = ""
-    boot_timeout: float = 120
+    name: str = DEFAULTS["vm"]["name"]
+    memory: int = DEFAULTS["vm"]["memory"]
+    cpus: int = DEFAULTS["vm"]["cpus"]
+    ssh_port: int = DEFAULTS["vm"]["ssh_port"]
+    accel: str = DEFAULTS["vm"]["accel"]
+    boot_timeout: float = DEFAULTS["vm"]["boot_timeout"]
+
+    def check(self, origin: str) -> None:
+        """Values a VM cannot start with are errors naming ``origin`` and the key."""
+        if not 1 <= self.ssh_port <= 65535:
+            raise ConfigError(f"{origin}: vm.ssh_port: {self.ssh_port} is not a TCP port (1 to 65535)")
+        for key in ("memory", "cpus"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{origin}: vm.{key}: must be positive, not {getattr(self, key)}")
+        if self.boot_timeout <= 0:
+            raise ConfigError(f"{origin}: vm.boot_timeout: must be positive, not {self.boot_timeout}")
 
 
 @dataclass
@@ -99,7 +110,7 @@ class Config:
                 f"(valid: {', '.join(VALID_SOURCES)})"
             )
         try:
-            return cls(
+            config = cls(
                 version=int(merged["version"]),
                 images=ImagesConfig(
                     source=source,
@@ -119,6 +130,8 @@ class Config:
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{origin}: invalid value: {exc}") from exc
+        config.vm.check(origin)
+        return config
 
 
 def _known(data: Any, shape: Mapping[str, Any], where: str = "") -> dict[str, Any]:
@@ -200,3 +213,25 @@ def load_config(path: Path | None = None) -> Config:
     """Defaults overlaid with ``~/.core/config.yaml`` (missing file → defaults)."""
     path = Path(path) if path is not None else paths.config_path()
     return Config.from_dict(read_config_file(path), origin=str(path))
+
+
+def env_float(name: str, default: float) -> float:
+    """A number of seconds from the environment variable ``name`` (unset or empty: ``default``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"${name}: expected a number of seconds, got {text!r}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    """A whole number from the environment variable ``name`` (unset or empty: ``default``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"${name}: expected a whole number, got {text!r}") from None

@@ -1,7 +1,8 @@
-"""The ``DevOps`` facade: the reference's public API, composing the parts below it.
+"""The ``DevOps`` facade: the reference's public API on top of the library.
 
-Each method is a thin call into the module that owns the concern (``lifecycle`` for the VM,
-``images`` for install/update, ``workspace`` for shell/test/serve, ``sandbox`` for Claude), so the
+It holds a :class:`~.lifecycle.VM` (``self.vm``) and an :class:`~.images.ImageManager`
+(``self.images``) and hands the VM to the parts that work in it (``workspace`` for
+shell/test/serve, ``claude_code`` for Claude); none of them calls back into the facade, so the
 facade stays a readable table of contents. Heavy imports (Fabric, requests) happen on first use.
 """
 
@@ -20,12 +21,7 @@ from .options import (
     TestOptions,
 )
 
-Echo = Callable[[str], None]
 Progress = Callable[[int, int], None]
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
 
 
 class DevOps:
@@ -35,11 +31,17 @@ class DevOps:
     for a silent library.
     """
 
-    def __init__(self, config: Optional[Config] = None, name: str = "", echo: Echo = _print):
+    def __init__(self, config: Optional[Config] = None, name: str = "", echo: Optional[Callable[[str], None]] = None):
+        from .lifecycle import VM, print_line
+
         self.config = config if config is not None else load_config()
-        self.name = name or self.config.vm.name
-        self.echo = echo
+        self.echo = echo if echo is not None else print_line
+        self.vm = VM(name or self.config.vm.name, self.config, self.echo)
         self._images = None
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
 
     # -- images -----------------------------------------------------------------------------
     @property
@@ -63,56 +65,49 @@ class DevOps:
         return BootOptions(memory=vm.memory, cpus=vm.cpus, name=self.name)
 
     def boot(self, opts: Optional[BootOptions] = None) -> DevStatus:
-        from . import lifecycle
+        """Boot the VM; options naming another VM make this facade work on that one from now on."""
+        opts = opts if opts is not None else self.default_boot_options()
+        if opts.name and opts.name != self.vm.name:
+            from .lifecycle import VM
 
-        return lifecycle.boot(self, opts if opts is not None else self.default_boot_options())
+            self.vm = VM(opts.name, self.config, self.echo)
+        return self.vm.boot(opts)
 
     def stop(self) -> bool:
         """Stop the VM; False when it was not running."""
-        from . import lifecycle
-
-        return lifecycle.stop(self)
+        return self.vm.stop()
 
     def is_running(self) -> bool:
-        from . import lifecycle
-
-        return lifecycle.is_running(self)
+        return self.vm.is_running()
 
     def status(self) -> DevStatus:
-        from . import lifecycle
-
-        return lifecycle.status(self)
+        return self.vm.status()
 
     def logs(self, follow: bool = False) -> None:
         """Print the VM's serial console log (``follow``: until Ctrl-C)."""
-        from . import lifecycle
-
-        lifecycle.logs(self, follow=follow)
+        self.vm.logs(follow=follow)
 
     def console(self) -> None:
         """Attach this terminal to the VM's serial console (detach with Ctrl-])."""
-        from . import lifecycle
-
-        lifecycle.console(self)
+        self.vm.console()
 
     # -- working in the VM ------------------------------------------------------------------
     def shell(self, opts: Optional[ShellOptions] = None) -> int:
         from . import workspace
 
-        return workspace.shell(self, opts or ShellOptions())
+        return workspace.shell(self.vm, opts or ShellOptions())
 
     def test(self, project_dir: Path | str, opts: Optional[TestOptions] = None) -> int:
         from . import workspace
 
-        return workspace.test(self, Path(project_dir), opts or TestOptions())
+        return workspace.test(self.vm, project_dir, opts or TestOptions())
 
     def serve(self, project_dir: Path | str, opts: Optional[ServeOptions] = None) -> int:
         from . import workspace
 
-        return workspace.serve(self, Path(project_dir), opts or ServeOptions())
+        return workspace.serve(self.vm, project_dir, opts or ServeOptions())
 
     def claude(self, project_dir: Path | str, opts: Optional[ClaudeOptions] = None) -> int:
-        from . import sandbox
+        from . import claude_code
 
-        return sandbox.claude(self, Path(project_dir), opts or ClaudeOptions())
-
+        return claude_code.claude(self.vm, project_dir, opts or ClaudeOptions())

@@ -1,7 +1,8 @@
-"""SSH trust between the host and its guests: keys, ``~/.core/known_hosts``, and the ``ssh`` command line.
+"""SSH trust between the host and its guests: the keys and ``~/.core/known_hosts``.
 
+How the host then talks SSH to a guest (options, target, argv) is :mod:`.guest.openssh`'s.
 For images that follow the guest contract the host makes the guest's host key itself and pins it
-before the first connection, so SSH is strict from the start (no trust-on-first-use, defect 5).
+before the first connection, so SSH is strict from the start (no trust-on-first-use).
 Published images fall back to ``ssh-keyscan`` after boot, with a warning. Pinning *replaces* every
 line for ``[127.0.0.1]:PORT`` (and ``[localhost]:PORT``) atomically under a lock: ports are reused
 by other VMs, so an old key beside the new one would be wrong.
@@ -13,19 +14,15 @@ import base64
 import hashlib
 import hmac
 import os
-import shlex
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from . import paths
-from .errors import GuestError, NotRunningError
+from .errors import GuestError
 from .fsutil import atomic_write_text, file_lock
-
-GUEST_USER = "root"
-GUEST_HOST = "127.0.0.1"
+from .guest.connection import LOOPBACK as GUEST_HOST
 
 
 def login_key_path() -> Path:
@@ -157,73 +154,3 @@ def scan_host_keys(port: int, deadline: float, host: str = GUEST_HOST) -> list[s
         if time.monotonic() >= deadline:
             raise GuestError(f"the guest's SSH server on port {port} gave no host key (ssh-keyscan)")
         time.sleep(0.2)
-
-
-# -- connecting ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SSHTarget:
-    """Where and how to reach a running guest, for OpenSSH and for a Fabric connection factory."""
-
-    host: str
-    port: int
-    user: str
-    known_hosts: Path
-    identity: Path
-
-
-def target_for_port(port: int) -> SSHTarget:
-    return SSHTarget(GUEST_HOST, int(port), GUEST_USER, paths.known_hosts_path(), login_key_path())
-
-
-def ssh_target(name: str) -> SSHTarget:
-    """The SSH target of the running VM ``name``; :class:`NotRunningError` when it is not running."""
-    from .machine.records import VMDir, is_alive
-
-    record = VMDir(name).load()
-    if record is None or not is_alive(record):
-        raise NotRunningError("dev environment not running (run 'inv vm.boot' first)")
-    return target_for_port(record.ssh_port)
-
-
-def ssh_argv(
-    target,
-    command_words: Iterable[str] = (),
-    tty: bool = False,
-    forward_agent: bool = False,
-    connect_timeout: int = 10,
-    extra_options: Iterable[str] = (),
-) -> list[str]:
-    """The OpenSSH command line: strict host-key checking against ``~/.core/known_hosts`` only.
-
-    ``target`` is an :class:`SSHTarget`, a VM record (anything with ``ssh_port``) or a port. Each
-    command word is quoted for the guest's shell, so words arrive intact. The user's own
-    ``~/.ssh/config`` is not read, so it cannot redirect the connection.
-    """
-    if not isinstance(target, SSHTarget):
-        target = target_for_port(getattr(target, "ssh_port", target))
-    argv = [
-        "ssh", "-F", os.devnull,
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={target.known_hosts}",
-        "-o", f"GlobalKnownHostsFile={os.devnull}",
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"IdentityFile={target.identity}",
-        "-o", f"ConnectTimeout={int(connect_timeout)}",
-        "-o", "LogLevel=ERROR",
-        "-p", str(target.port),
-    ]
-    for option in extra_options:
-        argv += ["-o", option]
-    argv.append("-t" if tty else "-T")
-    if forward_agent and os.environ.get("SSH_AUTH_SOCK"):
-        argv.append("-A")
-    else:
-        argv.append("-a")
-    # "--" before the destination: OpenSSH would otherwise parse a command starting with "-" as options.
-    argv += ["--", f"{target.user}@{target.host}"]
-    words = list(command_words)
-    if words:
-        argv.append(" ".join(shlex.quote(word) for word in words))
-    return argv

@@ -1,4 +1,8 @@
-"""Boot, stop and inspect a named VM: the machine part (QEMU) joined with the host-key part (SSH).
+"""A named VM (:class:`VM`): boot, stop, status, logs, console, liveness and its SSH target.
+
+The machine part (QEMU, ``machine/``) joined with the host-key part (``hostkeys``) and the SSH
+policy (``guest.openssh``). Everything that works *in* a VM (shell, test, serve, claude) takes a
+:class:`VM`; nothing here knows about them.
 
 Boot holds the VM's lock from the liveness check until the guest answers, so concurrent boots of
 one name give exactly one VM (the others then see it running). Anything started by a boot that
@@ -11,15 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Optional
 
-from . import hostkeys, paths
+from . import guest, hostkeys, paths
+from .config import Config, default_config, env_float
 from .errors import NotRunningError, VMError
 from .fsutil import file_lock
 from .machine import disk, process
@@ -29,6 +32,9 @@ from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_
 from .machine.records import VMDir, VMRecord, all_names, format_time, is_alive, now_utc
 from .manifest import Manifest
 from .options import BootOptions, DevStatus
+from .signals import stop_as_interrupt
+
+Echo = Callable[[str], None]
 
 READY_MARKER = b"devops-tasks: ssh ready"
 POLL = 0.02
@@ -39,20 +45,78 @@ ALREADY_RUNNING = "dev environment already running (use 'inv vm.stop' first or -
 NOT_RUNNING = "dev environment not running (run 'inv vm.boot' first)"
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, "") or default)
-    except ValueError:
-        raise VMError(f"{name}={os.environ[name]!r} is not a number of seconds") from None
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+class VM:
+    """One named VM. ``echo`` receives the human-readable lines (pass ``lambda _: None`` for none)."""
+
+    def __init__(self, name: str, config: Optional[Config] = None, echo: Echo = print_line):
+        self.name = name
+        self.config = config if config is not None else default_config()
+        self.echo = echo
+
+    def __repr__(self) -> str:
+        return f"VM({self.name!r})"
+
+    @property
+    def dir(self) -> VMDir:
+        return VMDir(self.name)
+
+    def boot(self, opts: Optional[BootOptions] = None) -> DevStatus:
+        """Start the VM and return once it accepts SSH with its pinned host key."""
+        if opts is None:
+            opts = BootOptions(memory=self.config.vm.memory, cpus=self.config.vm.cpus, name=self.name)
+        elif opts.name and opts.name != self.name:
+            raise VMError(f"these boot options are for VM '{opts.name}', not '{self.name}'")
+        return boot(self, opts)
+
+    def ensure_running(self) -> None:
+        """Boot the VM when it is not running, saying so."""
+        if not self.is_running():
+            self.echo("Dev environment not running, booting...")
+            self.boot()
+
+    def stop(self) -> bool:
+        """Stop the VM; False when it was not running."""
+        return stop(self)
+
+    def is_running(self) -> bool:
+        record = live_record(self.name)
+        return record is not None and record.status == "running"
+
+    def status(self) -> DevStatus:
+        return status(self)
+
+    def logs(self, follow: bool = False, out=None) -> None:
+        """Print the serial console log (``follow``: until Ctrl-C)."""
+        logs(self, follow=follow, out=out)
+
+    def console(self, stdin_fd: Optional[int] = None, stdout_fd: Optional[int] = None) -> None:
+        """Attach this terminal to the serial console (detach with Ctrl-])."""
+        console(self, stdin_fd=stdin_fd, stdout_fd=stdout_fd)
+
+    def target(self) -> guest.Target:
+        """Where the running VM's SSH server is; :class:`NotRunningError` when it is not running."""
+        record = self.dir.load()
+        if record is None or not is_alive(record):
+            raise NotRunningError(NOT_RUNNING)
+        return target_for(self.name, record.ssh_port)
+
+
+def target_for(name: str, port: int) -> guest.Target:
+    """The SSH target of VM ``name`` forwarded on ``port``: the tool's login key and known_hosts,
+    and the VM's folder (one OpenSSH master per VM)."""
+    return guest.Target(port=int(port), identity=hostkeys.login_key_path(),
+                        known_hosts=paths.known_hosts_path(), vm_dir=VMDir(name).path)
 
 
 # -- boot ---------------------------------------------------------------------------------------
 
-def boot(devops, opts: BootOptions) -> DevStatus:
-    """Start the VM and return once it accepts SSH with its pinned host key."""
-    name = opts.name or devops.name
+def boot(machine: VM, opts: BootOptions) -> DevStatus:
+    name = machine.name
     vm = VMDir(name)
-    devops.name = name  # later stop/status/shell calls on this facade mean the VM it booted
     image = paths.image_path()
     info = Manifest.load().get(paths.image_name())
     if not image.is_file() or info is None:  # as ImageManager.is_installed: file *and* manifest entry
@@ -60,15 +124,15 @@ def boot(devops, opts: BootOptions) -> DevStatus:
     contract = bool(info and info.guest_contract)
     arch = image_arch(image)
     binary = qemu_binary(arch)
-    accel = detect_accel(arch, accel_override(devops.config.vm.accel))
-    timeout = _env_float("CORE_BOOT_TIMEOUT", devops.config.vm.boot_timeout)
+    accel = detect_accel(arch, accel_override(machine.config.vm.accel))
+    timeout = env_float("CORE_BOOT_TIMEOUT", machine.config.vm.boot_timeout)
     vm.ensure()
-    with _interrupt_on_term(), vm.locked():
+    with stop_as_interrupt(), vm.locked():
         old = vm.load()
         if old is not None and is_alive(old):
             if not opts.fresh:
                 raise VMError(ALREADY_RUNNING)
-            devops.echo("Stopping the running dev environment (--fresh)...")
+            machine.echo("Stopping the running dev environment (--fresh)...")
             process.stop(old.pid, old.process_start, old.pidfile, old.qmp_socket, graceful=False)
         if old is not None:
             vm.clear()
@@ -76,26 +140,26 @@ def boot(devops, opts: BootOptions) -> DevStatus:
             disk.reset(vm)
             if old is not None:
                 hostkeys.forget_host(old.ssh_port)
-        devops.echo(f"Config: {opts.memory}MB, {opts.cpus} CPUs")
-        devops.echo("Booting dev environment...")
+        machine.echo(f"Config: {opts.memory}MB, {opts.cpus} CPUs")
+        machine.echo("Booting dev environment...")
         if disk.prepare(vm, image, info):
-            devops.echo("The installed image changed since this VM's disk was made: starting from a fresh disk")
+            machine.echo("The installed image changed since this VM's disk was made: starting from a fresh disk")
         login_key = hostkeys.ensure_login_key()
         host_key = hostkeys.ensure_key(vm.host_key, f"devops-tasks-{name}")
         disk.rotate_log(vm.serial_log)
         record = None
         try:
-            record = _start(vm, opts, devops.config.vm.ssh_port, image, binary, arch, accel, contract,
+            record = _start(vm, opts, machine.config.vm.ssh_port, image, binary, arch, accel, contract,
                             host_key, login_key)
-            _wait_ready(devops, vm, record, contract, timeout)
+            _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
         except BaseException:
             _abort(vm, record)
             raise
-    devops.echo("Dev environment running")
-    devops.echo("Connect with: inv shell")
-    devops.echo(f"SSH port: {record.ssh_port}")
+    machine.echo("Dev environment running")
+    machine.echo("Connect with: inv shell")
+    machine.echo(f"SSH port: {record.ssh_port}")
     return _status_from(record, installed=True, version=info.version)
 
 
@@ -161,27 +225,9 @@ def _abort(vm: VMDir, record: VMRecord | None) -> None:
                 hostkeys.forget_host(record.ssh_port)
 
 
-@contextlib.contextmanager
-def _interrupt_on_term() -> Iterator[None]:
-    """SIGTERM/SIGHUP during a boot unwind like Ctrl-C, so the half-booted VM is cleaned up."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # -- readiness ------------------------------------------------------------------------------------
 
-def _wait_ready(devops, vm: VMDir, record: VMRecord, contract: bool, timeout: float) -> None:
+def _wait_ready(machine: VM, vm: VMDir, record: VMRecord, contract: bool, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     alive = lambda: is_alive(record)  # noqa: E731
     if contract:
@@ -194,7 +240,7 @@ def _wait_ready(devops, vm: VMDir, record: VMRecord, contract: bool, timeout: fl
                     also=lambda: ssh_banner(record.ssh_port))
     keys = hostkeys.scan_host_keys(record.ssh_port, deadline)
     hostkeys.replace_host_keys(record.ssh_port, keys)
-    devops.echo(
+    machine.echo(
         f"Warning: this image does not follow the guest contract; its SSH host key for "
         f"[127.0.0.1]:{record.ssh_port} was trusted on first use (ssh-keyscan)"
     )
@@ -244,7 +290,8 @@ def _confirm_ssh(vm: VMDir, record: VMRecord, deadline: float, timeout: float) -
     """One strict connection with the pinned key proves the guest is the one we keyed."""
     import subprocess
 
-    argv = hostkeys.ssh_argv(record, ["true"], connect_timeout=5)
+    argv = guest.ssh_argv(target_for(record.name, record.ssh_port), ["true"], forward_agent=False, tty=False, multiplex=False,
+                          connect_timeout=5)
     last = ""
     while True:
         try:
@@ -284,11 +331,11 @@ def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 # -- stop and status ------------------------------------------------------------------------------
 
-def stop(devops) -> bool:
+def stop(machine: VM) -> bool:
     """Power the VM down (escalating to QMP quit, SIGTERM, SIGKILL); False when it was not running."""
-    vm = VMDir(devops.name)
+    vm = machine.dir
     if not vm.path.is_dir():
-        devops.echo("Dev environment is not running")
+        machine.echo("Dev environment is not running")
         return False
     # A boot in progress holds the lock: stop its QEMU anyway (that boot then sees QEMU gone, fails
     # and cleans up after itself) rather than wait for its deadline.
@@ -297,15 +344,15 @@ def stop(devops) -> bool:
         if record is None or not is_alive(record):
             if locked:
                 vm.clear()
-            devops.echo("Dev environment is not running")
+            machine.echo("Dev environment is not running")
             return False
-        devops.echo("Stopping dev environment...")
-        timeouts = process.StopTimeouts(powerdown=_env_float("CORE_POWERDOWN_TIMEOUT", 5.0))
+        machine.echo("Stopping dev environment...")
+        timeouts = process.StopTimeouts(powerdown=env_float("CORE_POWERDOWN_TIMEOUT", 5.0))
         process.stop(record.pid, record.process_start, record.pidfile, record.qmp_socket, timeouts)
         if locked:
             vm.clear()
             hostkeys.forget_host(record.ssh_port)
-    devops.echo("Stopped")
+    machine.echo("Stopped")
     return True
 
 
@@ -323,19 +370,14 @@ def live_record(name: str) -> VMRecord | None:
     return None
 
 
-def is_running(devops) -> bool:
-    record = live_record(devops.name)
-    return record is not None and record.status == "running"
-
-
-def status(devops) -> DevStatus:
+def status(machine: VM) -> DevStatus:
     info = Manifest.load().get(paths.image_name())
     installed = paths.image_path().is_file() and info is not None
     version = info.version if info else ""
-    record = live_record(devops.name)
+    record = live_record(machine.name)
     if record is None:
         return DevStatus(installed=installed, running=False, image_version=version,
-                         ssh_port=devops.config.vm.ssh_port, name=devops.name)
+                         ssh_port=machine.config.vm.ssh_port, name=machine.name)
     return _status_from(record, installed, version)
 
 
@@ -354,53 +396,23 @@ def running_vms() -> list[str]:
     return [name for name in all_names() if live_record(name) is not None]
 
 
-def format_uptime(seconds: float) -> str:
-    """``Ns`` under a minute, ``Nm`` under an hour, ``Nh Mm`` under a day, else ``Nd Nh``."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
-def status_lines(st: DevStatus) -> list[str]:
-    """The original's status text; the VM lines only while a VM exists."""
-    lines = ["Dev Environment Status", f"Installed: {'Yes' if st.installed else 'No'}"]
-    if st.image_version:
-        lines.append(f"Version: {st.image_version}")
-    state = "Running" if st.running else ("Starting" if st.container_id else "Stopped")
-    lines.append(f"Status: {state}")
-    if st.container_id:
-        lines += [
-            f"Container: {st.container_id}",
-            f"Memory: {st.memory}MB",
-            f"CPUs: {st.cpus}",
-            f"SSH port: {st.ssh_port}",
-            f"Uptime: {format_uptime(st.uptime.total_seconds())}",
-        ]
-    return lines
-
-
 # -- serial console and log -------------------------------------------------------------------
 
-def logs(devops, follow: bool = False, out=None) -> None:
+def logs(machine: VM, follow: bool = False, out=None) -> None:
     """Copy the VM's serial log to ``out``; with ``follow``, keep copying until Ctrl-C."""
     from .machine.console import copy_log
 
-    log = VMDir(devops.name).serial_log
+    log = machine.dir.serial_log
     if not log.exists():
-        raise VMError(f"no serial log for '{devops.name}' yet (boot it with 'inv vm.boot')")
+        raise VMError(f"no serial log for '{machine.name}' yet (boot it with 'inv vm.boot')")
     copy_log(log, out if out is not None else sys.stdout.buffer, follow)
 
 
-def console(devops, stdin_fd: int | None = None, stdout_fd: int | None = None) -> None:
+def console(machine: VM, stdin_fd: int | None = None, stdout_fd: int | None = None) -> None:
     """Attach this terminal to the VM's serial console; Ctrl-] detaches."""
     from .machine.console import DETACH_NAME, relay
 
-    record = live_record(devops.name)
+    record = live_record(machine.name)
     if record is None:
         raise NotRunningError(NOT_RUNNING)
     sys.stderr.write(f"Connected to the serial console of '{record.name}' (detach: {DETACH_NAME}; "

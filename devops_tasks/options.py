@@ -6,15 +6,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-DEFAULT_NAME = "core-dev"
-DEFAULT_MEMORY = 4096
-DEFAULT_CPUS = 2
-DEFAULT_SSH_PORT = 2222
+from .config import DEFAULTS
+
+DEFAULT_NAME: str = DEFAULTS["vm"]["name"]
+DEFAULT_MEMORY: int = DEFAULTS["vm"]["memory"]
+DEFAULT_CPUS: int = DEFAULTS["vm"]["cpus"]
+DEFAULT_SSH_PORT: int = DEFAULTS["vm"]["ssh_port"]
 
 
 @dataclass
 class BootOptions:
-    """``memory`` in MB. ``ssh_port`` None means 2222, or the next free port when that is taken."""
+    """``memory`` in MB. ``ssh_port`` None means the configured port (2222), or the next free
+    port when that is taken; a number means exactly that port (1 to 65535)."""
 
     memory: int = DEFAULT_MEMORY
     cpus: int = DEFAULT_CPUS

@@ -3,7 +3,7 @@
 Pure functions of the folder (no VM, no network), so ``test`` and ``serve`` can decide everything
 before touching the guest, and the rules can be tested on a temporary directory.
 
-Choices beyond the Go original (see behaviour.md "Test" and "Serve"):
+Choices beyond the Go original:
 
 * ``.core/test.yaml`` scalars keep the text written in the file, as Go's yaml.v3 does when it
   decodes into ``string``: ``1`` gives ``"1"``, ``true`` gives ``"true"``, ``1.50`` gives
@@ -35,10 +35,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .config import yaml_error
 from .errors import ConfigError, ProjectError
+from .guest.mount import GUEST_APP_DIR
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-GUEST_APP_DIR = "/app"
 DEFAULT_SERVE_PORT = 8000
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -73,6 +73,14 @@ class TestConfig:
             if entry.name == name:
                 return entry
         return None
+
+
+def project_root(project_dir: PathLike) -> Path:
+    """The project folder as an absolute path; :class:`ProjectError` when it is not a folder."""
+    path = Path(project_dir).expanduser()
+    if not path.is_dir():
+        raise ProjectError(f"project directory {path} does not exist")
+    return path.resolve()
 
 
 def test_yaml_path(project_dir: PathLike) -> Path:

@@ -13,9 +13,10 @@ import secrets
 import shlex
 import sys
 import threading
-from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Sequence
+from typing import IO, TYPE_CHECKING, Mapping, Optional, Sequence
 
 from ..errors import GuestError
+from ..signals import signal_handlers
 
 if TYPE_CHECKING:  # pragma: no cover
     from fabric import Connection
@@ -185,24 +186,6 @@ def run(
         raise KeyboardInterrupt
     code = result.exited
     return 255 if code is None or code < 0 else int(code)
-
-
-@contextlib.contextmanager
-def signal_handlers(names: Sequence[str], handler: Callable) -> Iterator[None]:
-    """Install ``handler`` for these signals (main thread only; ignored signals stay ignored)."""
-    import signal
-
-    saved = {}
-    if threading.current_thread() is threading.main_thread():
-        for name in names:
-            sig = getattr(signal, name, None)
-            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
-                saved[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, previous in saved.items():
-            signal.signal(sig, previous)
 
 
 def kill_remote(conn: "Connection", pidfile: str, timeout: float = 15.0) -> None:

@@ -1,5 +1,5 @@
-"""The OpenSSH client: its argv with the same policy as :func:`~.connection.connect`, and
-connection multiplexing.
+"""The OpenSSH client: the one definition of how the host talks OpenSSH to a guest (options,
+target, argv), with the same policy as :func:`~.connection.connect`, and connection multiplexing.
 
 :func:`ssh_argv` is used for ``shell`` and ``claude``: OpenSSH gives the interactive terminal
 (resize, Ctrl-C, Ctrl-D, ``~.``) exactly as ``ssh`` does, and its connection multiplexing makes
@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import GuestError
+from ..signals import signal_handlers
 from .commands import quote_words
 from .connection import CONNECT_TIMEOUT, Target, agent_socket
 
@@ -56,8 +58,14 @@ def control_path(target: Target, agent: Optional[str] = None) -> Optional[Path]:
     return None
 
 
-def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = True) -> list[str]:
-    """OpenSSH options with the same policy as :func:`connect`."""
+def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = True,
+                connect_timeout: float = CONNECT_TIMEOUT) -> list[str]:
+    """How the host talks OpenSSH to a guest: the same policy as :func:`connect`.
+
+    Strict host-key checking against the tool's known_hosts only (never updated from the server),
+    the tool's login key only (no agent keys, no ``~/.ssh``), no user or system ssh_config, no
+    passwords, and the agent forwarded only when asked.
+    """
     opts = [
         "-F", "/dev/null",  # no ~/.ssh/config, no /etc/ssh/ssh_config surprises
         "-o", "StrictHostKeyChecking=yes",
@@ -72,7 +80,7 @@ def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = T
         "-o", "BatchMode=yes",
         "-o", "PasswordAuthentication=no",
         "-o", "KbdInteractiveAuthentication=no",
-        "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT)}",
+        "-o", f"ConnectTimeout={max(1, int(connect_timeout))}",
         "-o", "ServerAliveInterval=15",
         "-o", "LogLevel=ERROR",
         "-p", str(target.port),
@@ -100,6 +108,7 @@ def ssh_argv(
     tty: Optional[bool] = None,
     multiplex: bool = True,
     ssh: str = "ssh",
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> list[str]:
     """The ``ssh`` argv for a login shell (no ``command``) or for running ``command``'s words.
 
@@ -109,7 +118,7 @@ def ssh_argv(
     only when asked and a local agent exists.
     """
     agent = bool(forward_agent and agent_socket() is not None)
-    argv = [ssh, *ssh_options(target, forward_agent=agent, multiplex=multiplex)]
+    argv = [ssh, *ssh_options(target, forward_agent=agent, multiplex=multiplex, connect_timeout=connect_timeout)]
     if tty is True:
         argv.append("-tt" if command else "-t")
     elif tty is False:
@@ -138,39 +147,31 @@ def run_foreground(argv: Sequence[str], terminate_grace: Optional[float] = None)
     While it runs, SIGINT and SIGQUIT are ignored here: Ctrl-C belongs to the program (ssh puts the
     terminal in raw mode and passes it on; without a terminal ssh itself gets the signal).
     ``terminate_grace``: when the wait here is interrupted (e.g. KeyboardInterrupt from
-    ``workspace.stop_signals``), end the program too (TERM, then KILL after that many seconds)
+    ``signals.stop_as_interrupt``), end the program too (TERM, then KILL after that many seconds)
     before the exception goes on; None leaves it running.
     """
-    import signal
-
     if shutil.which(argv[0]) is None:
         raise GuestError(f"{argv[0]} not found (install openssh-client)")
     in_main = threading.current_thread() is threading.main_thread()
-    saved = {}
-    if in_main:
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            saved[sig] = signal.signal(sig, signal.SIG_IGN)
 
     def restore_child() -> None:  # the child gets default dispositions back
         for sig in (signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
 
     proc = None
-    try:
-        proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
-        code = proc.wait()
-    except BaseException:
-        if terminate_grace is not None and proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=terminate_grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        raise
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    with signal_handlers(("SIGINT", "SIGQUIT"), signal.SIG_IGN):
+        try:
+            proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
+            code = proc.wait()
+        except BaseException:
+            if terminate_grace is not None and proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=terminate_grace)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
     if code < 0:  # killed by a signal: the shell's 128+N
         return 128 - code
     return code

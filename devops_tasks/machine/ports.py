@@ -34,7 +34,7 @@ def pick_port(
 ) -> int:
     """The SSH port to forward: ``explicit`` (must be free) or the first free one from ``default`` on."""
     reserved = set(reserved)
-    if explicit:
+    if explicit is not None:
         if not 0 < explicit < 65536:
             raise VMError(f"invalid SSH port {explicit} (use 1-65535)")
         if explicit in reserved or not free(explicit):

@@ -3,7 +3,7 @@
 from invoke import Collection
 
 from ..options import ClaudeOptions
-from ..sandbox import split_auth
+from ..claude_code import split_auth
 from .common import configure, devops, exit_with, task
 
 

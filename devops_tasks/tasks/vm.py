@@ -7,7 +7,7 @@ import json as _json
 from invoke import Collection
 
 from ..errors import VMError
-from ..options import BootOptions
+from ..options import BootOptions, DevStatus
 from .common import configure, devops, task
 
 NAME_HELP = "VM name (default: config core.vm.name, 'core-dev'); several VMs can run side by side"
@@ -51,11 +51,39 @@ def stop(c, name=None):
     devops(c, name).stop()
 
 
+def format_uptime(seconds: float) -> str:
+    """``Ns`` under a minute, ``Nm`` under an hour, ``Nh Mm`` under a day, else ``Nd Nh``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def status_lines(st: DevStatus) -> list[str]:
+    """The original's status text; the VM lines only while a VM exists."""
+    lines = ["Dev Environment Status", f"Installed: {'Yes' if st.installed else 'No'}"]
+    if st.image_version:
+        lines.append(f"Version: {st.image_version}")
+    state = "Running" if st.running else ("Starting" if st.container_id else "Stopped")
+    lines.append(f"Status: {state}")
+    if st.container_id:
+        lines += [
+            f"Container: {st.container_id}",
+            f"Memory: {st.memory}MB",
+            f"CPUs: {st.cpus}",
+            f"SSH port: {st.ssh_port}",
+            f"Uptime: {format_uptime(st.uptime.total_seconds())}",
+        ]
+    return lines
+
+
 @task(help={"name": NAME_HELP, "json": "print the status as JSON"})
 def status(c, name=None, json=False):
     """Show whether the dev VM is installed and running, and its resources."""
-    from ..lifecycle import status_lines
-
     st = devops(c, name).status()
     if json:
         print(_json.dumps(st.to_dict(), indent=2, sort_keys=True))

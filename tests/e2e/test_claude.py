@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from devops_tasks import guest, paths, workspace
+from devops_tasks import guest, paths
 from devops_tasks.devops import DevOps
 from devops_tasks.errors import GuestError
 from devops_tasks.manifest import ImageInfo, Manifest
@@ -99,7 +99,7 @@ class Env:
     core_home: Path
 
     def guest(self, script: str) -> tuple[int, str]:
-        with guest.session(workspace.target(self.devops)) as conn:
+        with guest.session(self.devops.vm.target()) as conn:
             code, out, err = guest.capture(conn, script, timeout=60)
         return code, out + err
 

@@ -27,6 +27,14 @@ from devops_tasks.manifest import ImageInfo, Manifest
 
 from helpers import free_port, wait_for
 
+
+def ssh_words(port: int, words: list[str]) -> list[str]:
+    """A plain strict ``ssh`` (no master, no agent) to the guest forwarded on ``port``."""
+    from devops_tasks import guest
+    from devops_tasks.lifecycle import target_for
+
+    return guest.ssh_argv(target_for("e2e", port), words, forward_agent=False, tty=False, multiplex=False)
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +124,7 @@ def inv(*args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
 
 
 def ssh(port: int, *words: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(hostkeys.ssh_argv(port, words), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(ssh_words(port, words), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
 

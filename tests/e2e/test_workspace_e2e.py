@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from devops_tasks import guest, workspace
+from devops_tasks import guest
 from devops_tasks.devops import DevOps
 from devops_tasks.errors import GuestError
 from devops_tasks.manifest import ImageInfo, Manifest
@@ -68,7 +68,7 @@ class VM:
         return self.run(DEVOPS, "shell", "--", "sh", "-c", script, timeout=timeout)
 
     def target(self) -> guest.Target:
-        return workspace.target(DevOps())
+        return DevOps().vm.target()
 
 
 @pytest.fixture(scope="module")

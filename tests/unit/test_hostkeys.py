@@ -91,38 +91,32 @@ def test_concurrent_writers_lose_nothing(isolated_core_home):
     assert sorted(lines) == sorted(f"[127.0.0.1]:{p} ssh-ed25519 AAAA{p}x19" for p in ports)
 
 
-def test_ssh_argv_exact(isolated_core_home, monkeypatch):
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    home = str(isolated_core_home)
-    argv = hostkeys.ssh_argv(2222, ["printf", "%s|", "a b", "$HOME"])
-    assert argv == [
-        "ssh", "-F", os.devnull,
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={home}/known_hosts",
-        "-o", f"GlobalKnownHostsFile={os.devnull}",
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"IdentityFile={home}/id_ed25519",
-        "-o", "ConnectTimeout=10",
-        "-o", "LogLevel=ERROR",
-        "-p", "2222",
-        "-T", "-a", "--", "root@127.0.0.1",
-        "printf '%s|' 'a b' '$HOME'",
-    ]
+def test_a_vm_target_uses_the_tools_key_and_known_hosts(isolated_core_home):
+    from devops_tasks.lifecycle import target_for
+
+    where = target_for("box", 40022)
+    assert (where.host, where.port, where.user) == ("127.0.0.1", 40022, "root")
+    assert where.identity == hostkeys.login_key_path() == isolated_core_home / "id_ed25519"
+    assert where.known_hosts == paths.known_hosts_path() == isolated_core_home / "known_hosts"
+    assert where.vm_dir == isolated_core_home / "vms" / "box"
 
 
-def test_ssh_argv_tty_agent_and_record(monkeypatch):
-    class Rec:
-        ssh_port = 40022
+def test_the_boot_check_speaks_the_one_ssh_policy(isolated_core_home, monkeypatch):
+    """The boot's first strict connection uses guest.openssh's options (no agent, no key updates)."""
+    from devops_tasks import guest
+    from devops_tasks.lifecycle import target_for
 
     monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/agent.sock")
-    argv = hostkeys.ssh_argv(Rec(), tty=True, forward_agent=True)
-    assert argv[argv.index("-p") + 1] == "40022"
-    assert argv[-4:] == ["-t", "-A", "--", "root@127.0.0.1"]
-    monkeypatch.delenv("SSH_AUTH_SOCK")
-    assert "-A" not in hostkeys.ssh_argv(Rec(), forward_agent=True)  # no agent: forwarding would hang
+    argv = guest.ssh_argv(target_for("box", 40022), ["true"], forward_agent=False,
+                          tty=False, multiplex=False, connect_timeout=5)
+    for option in ("IdentityAgent=none", "UpdateHostKeys=no", "StrictHostKeyChecking=yes", "ConnectTimeout=5",
+                   "ControlPath=none"):
+        assert option in argv
+    assert "-a" in argv and "-A" not in argv
 
 
-def test_ssh_target_needs_a_running_vm(isolated_core_home):
+def test_a_vm_target_needs_a_running_vm(isolated_core_home):
+    from devops_tasks.lifecycle import VM
+
     with pytest.raises(NotRunningError, match=r"dev environment not running \(run 'inv vm.boot' first\)"):
-        hostkeys.ssh_target("core-dev")
+        VM("core-dev").target()

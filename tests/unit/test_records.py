@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 
 from devops_tasks import lifecycle, paths
+from devops_tasks.tasks import vm as vm_tasks
 from devops_tasks.errors import VMError
 from devops_tasks.machine import process
 from devops_tasks.machine.ports import pick_port, port_free
@@ -278,17 +279,17 @@ def test_wait_for_marker_fails_with_the_log_tail(tmp_path):
                                            (3600, "1h 0m"), (3 * 3600 + 25 * 60, "3h 25m"),
                                            (86400, "1d 0h"), (2 * 86400 + 5 * 3600 + 59, "2d 5h")])
 def test_format_uptime(seconds, text):
-    assert lifecycle.format_uptime(seconds) == text
+    assert vm_tasks.format_uptime(seconds) == text
 
 
 def test_status_lines():
     running = DevStatus(installed=True, running=True, image_version="v1.2.0", container_id="0a1b2c3d",
                         memory=4096, cpus=2, ssh_port=2222, uptime=timedelta(seconds=125))
-    assert lifecycle.status_lines(running) == [
+    assert vm_tasks.status_lines(running) == [
         "Dev Environment Status", "Installed: Yes", "Version: v1.2.0", "Status: Running",
         "Container: 0a1b2c3d", "Memory: 4096MB", "CPUs: 2", "SSH port: 2222", "Uptime: 2m",
     ]
-    assert lifecycle.status_lines(DevStatus()) == ["Dev Environment Status", "Installed: No", "Status: Stopped"]
+    assert vm_tasks.status_lines(DevStatus()) == ["Dev Environment Status", "Installed: No", "Status: Stopped"]
 
 
 def test_uptime_from_record(isolated_core_home):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from devops_tasks import guest, workspace
+from devops_tasks import cli, guest
 from devops_tasks.config import Config
 from devops_tasks.devops import DevOps
+from devops_tasks.lifecycle import VM
 from devops_tasks.errors import ConfigError, GuestError, NotRunningError, ProjectError
 from devops_tasks.options import ServeOptions, ShellOptions, TestOptions
 
@@ -38,7 +39,7 @@ def fake(monkeypatch, tmp_path):
     key = tmp_path / "id"
     key.write_text("k")
     where = guest.Target(port=40022, identity=key, known_hosts=key)
-    monkeypatch.setattr(workspace, "target", lambda devops: where)
+    monkeypatch.setattr(VM, "target", lambda self: where)
 
     @contextlib.contextmanager
     def session(target, forward_agent=False):
@@ -148,7 +149,7 @@ def test_shell_without_command_is_a_login_shell(dev, fake):
 
 def test_shell_console_goes_to_the_serial_console(dev, fake, monkeypatch):
     seen = []
-    monkeypatch.setattr(DevOps, "console", lambda self: seen.append(self.name))
+    monkeypatch.setattr(VM, "console", lambda self: seen.append(self.name))
     assert dev.shell(ShellOptions(console=True)) == 0
     assert seen == ["core-dev"] and fake.calls == []
     with pytest.raises(GuestError, match="no command"):
@@ -310,23 +311,23 @@ def test_tasks_pass_flags_and_remainder_words(monkeypatch, tmp_path, capsys):
     ["shell", "--name"], ["test", "--", "true"],
 ])
 def test_fast_shell_leaves_other_forms_to_invoke(argv, fake):
-    assert workspace.fast_shell(argv) is None
+    assert cli.fast_shell(argv) is None
     assert fake.calls == []
 
 
 def test_fast_shell_runs_ssh_with_the_words(fake, monkeypatch):
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     fake.status = 3
-    assert workspace.fast_shell(["shell", "--name", "box", "--no-agent", "--", "echo", "a b", "--"]) == 3
+    assert cli.fast_shell(["shell", "--name", "box", "--no-agent", "--", "echo", "a b", "--"]) == 3
     (kind, argv), = fake.calls
     assert argv[-1] == "echo 'a b' --" and "-a" in argv
 
 
 def test_fast_shell_steps_aside_for_invoke_config(fake, monkeypatch):
     monkeypatch.setenv("INVOKE_CORE_VM_NAME", "other")
-    assert workspace.fast_shell(["shell", "--", "true"]) is None
+    assert cli.fast_shell(["shell", "--", "true"]) is None
 
 
 def test_fast_shell_not_running_is_the_usual_error(capsys):
-    assert workspace.fast_shell(["shell", "--", "true"]) == 1
+    assert cli.fast_shell(["shell", "--", "true"]) == 1
     assert capsys.readouterr().err == "Error: dev environment not running (run 'inv vm.boot' first)\n"

@@ -1,4 +1,4 @@
-"""``claude``: Claude Code in the VM, with exactly the credentials asked for (what :class:`DevOps` delegates to).
+"""``claude``: Claude Code in a :class:`~.lifecycle.VM`, with exactly the credentials asked for.
 
 People run a coding agent in a VM so it can do what it likes to the VM and nothing else, so what
 reaches the guest is exactly what was asked for, and the printed ``Auth forwarded:`` line is the
@@ -37,12 +37,13 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequenc
 
 from . import guest
 from .errors import DevopsError, GuestError
+from .lifecycle import VM
 from .options import ClaudeOptions
+from .project import GUEST_APP_DIR, project_root
+from .signals import INTERRUPTED, stop_as_interrupt
 
 if TYPE_CHECKING:  # pragma: no cover
     from fabric import Connection
-
-    from .devops import DevOps
 
 AUTH_KINDS = ("ssh", "gh", "anthropic", "git")
 LABELS = {"ssh": "SSH agent", "gh": "gh", "anthropic": "anthropic", "git": "git"}
@@ -236,7 +237,7 @@ def claude_words(model: str = "") -> list[str]:
     return words
 
 
-def wrapper_script(env_file: str, model: str = "", workdir: str = guest.GUEST_APP_DIR) -> str:
+def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR) -> str:
     """The guest ``sh`` script: load and delete the env file (when given), cd, exec claude.
 
     Holds the file's name, never a value.
@@ -272,7 +273,7 @@ def run_session(argv: Sequence[str], grace: float = 5.0) -> int:
     """``guest.run_foreground`` that also ends ssh when this process is told to stop.
 
     Ctrl-C belongs to claude (ssh passes it on); SIGTERM/SIGHUP here (KeyboardInterrupt, see
-    ``workspace.stop_signals``) end the ssh session too (TERM, then KILL after ``grace`` s), so
+    ``signals.stop_as_interrupt``) end the ssh session too (TERM, then KILL after ``grace`` s), so
     claude never runs on in the VM after its mount and credentials are gone.
     """
     return guest.run_foreground(argv, terminate_grace=grace)
@@ -328,17 +329,8 @@ def install_env(conn: "Connection", env: Mapping[str, str]) -> str:
     return path
 
 
-def _project_dir(project_dir: Path | str) -> Path:
-    from .errors import ProjectError
-
-    path = Path(project_dir).expanduser()
-    if not path.is_dir():
-        raise ProjectError(f"project directory {path} does not exist")
-    return path.resolve()
-
-
 def claude(
-    devops: "DevOps",
+    vm: VM,
     project_dir: Path | str,
     opts: ClaudeOptions,
     environ: Optional[Mapping[str, str]] = None,
@@ -350,40 +342,36 @@ def claude(
 
     Boots the VM when it is not running. Returns claude's exit status.
     """
-    from . import workspace
-
     kinds = resolve_auth(opts)  # bad input fails before anything starts
-    root = _project_dir(project_dir)
+    root = project_root(project_dir)
     # The agent must not reach the host's files through the mount: no sandboxed sftp-server, no
     # claude (unless CORE_MOUNT_CONFINE=off), said before a VM is booted for nothing.
     guest.sftp_server_command(root, confine=MOUNT_CONFINE)
     environ = os.environ if environ is None else environ
     home = Path(environ.get("HOME") or Path.home()) if home is None else Path(home)
     reader = git_config_reader or (lambda key: host_git_config(key, cwd=root))
-    if not devops.is_running():
-        devops.echo("Dev environment not running, booting...")
-        devops.boot()
+    vm.ensure_running()
     creds = gather_credentials(kinds, environ, home, reader)
-    where = workspace.target(devops)
+    where = vm.target()
     guest.check_target(where)
     tty = guest.stdin_interactive() if interactive is None else interactive
     env_file = ""
     try:
-        with workspace.stop_signals(), guest.session(where) as conn:
+        with stop_as_interrupt(), guest.session(where) as conn:
             try:
                 code, _, _ = guest.capture(conn, prepare_script(), timeout=30)
                 if code == NOT_INSTALLED_STATUS:
                     raise GuestError(NOT_INSTALLED)
                 if code != 0:
                     raise GuestError(f"preparing the VM for claude failed (status {code})")
-                with guest.Mount(conn, root, guest.GUEST_APP_DIR, confine=MOUNT_CONFINE):
+                with guest.Mount(conn, root, GUEST_APP_DIR, confine=MOUNT_CONFINE):
                     if creds.gh_dir is not None:
                         install_gh(conn, creds.gh_dir)
                     if creds.env:
                         env_file = install_env(conn, creds.env)
-                    devops.echo(creds.summary())
+                    vm.echo(creds.summary())
                     for note in creds.notes:
-                        devops.echo(f"Not forwarded: {note}")
+                        vm.echo(f"Not forwarded: {note}")
                     script = wrapper_script(env_file, opts.model)
                     argv = guest.ssh_argv(where, ["sh", "-c", script], forward_agent=creds.agent, tty=tty)
                     return run_session(argv)
@@ -391,5 +379,5 @@ def claude(
                 with contextlib.suppress(Exception):
                     guest.capture(conn, cleanup_script(env_file), timeout=15)
     except KeyboardInterrupt:
-        devops.echo("Interrupted")
-        return workspace.INTERRUPTED
+        vm.echo("Interrupted")
+        return INTERRUPTED

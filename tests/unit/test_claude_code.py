@@ -1,4 +1,4 @@
-"""sandbox (``claude``): auth resolution, what is gathered on the host, how it travels, the task.
+"""claude_code (``claude``): auth resolution, what is gathered on the host, how it travels, the task.
 
 The guest is replaced by recorders; the wrapper script and the env file are run by a real ``sh``
 here with a stand-in ``claude``, so what the guest would do is checked for real.
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from devops_tasks import guest, sandbox, workspace
+from devops_tasks import claude_code, guest
 from devops_tasks.config import Config
 from devops_tasks.devops import DevOps
+from devops_tasks.lifecycle import VM
+from devops_tasks.signals import stop_as_interrupt
 from devops_tasks.errors import DevopsError, GuestError, ProjectError
 from devops_tasks.options import ClaudeOptions
 
@@ -45,27 +47,27 @@ REAL_SFTP_SERVER_COMMAND = guest.sftp_server_command
     ],
 )
 def test_resolve_auth(opts, expected):
-    assert sandbox.resolve_auth(opts) == expected
+    assert claude_code.resolve_auth(opts) == expected
 
 
 def test_unknown_kind_lists_the_valid_ones():
-    with pytest.raises(sandbox.AuthError) as info:
-        sandbox.resolve_auth(ClaudeOptions(auth=["gh,aws", "npm"]))
+    with pytest.raises(claude_code.AuthError) as info:
+        claude_code.resolve_auth(ClaudeOptions(auth=["gh,aws", "npm"]))
     assert str(info.value) == "unknown auth kinds 'aws', 'npm' (valid: ssh, gh, anthropic, git)"
     assert isinstance(info.value, DevopsError)
-    with pytest.raises(sandbox.AuthError, match=r"unknown auth kind 'x' \(valid: ssh, gh, anthropic, git\)"):
-        sandbox.resolve_auth(ClaudeOptions(auth=["x"]))
+    with pytest.raises(claude_code.AuthError, match=r"unknown auth kind 'x' \(valid: ssh, gh, anthropic, git\)"):
+        claude_code.resolve_auth(ClaudeOptions(auth=["x"]))
 
 
 def test_no_auth_with_auth_is_a_contradiction():
-    with pytest.raises(sandbox.AuthError, match="--no-auth"):
-        sandbox.resolve_auth(ClaudeOptions(no_auth=True, auth=["gh"]))
+    with pytest.raises(claude_code.AuthError, match="--no-auth"):
+        claude_code.resolve_auth(ClaudeOptions(no_auth=True, auth=["gh"]))
 
 
 def test_split_auth():
-    assert sandbox.split_auth(None) == []
-    assert sandbox.split_auth("gh,git") == ["gh", "git"]
-    assert sandbox.split_auth(["gh", " ssh , anthropic "]) == ["gh", "ssh", "anthropic"]
+    assert claude_code.split_auth(None) == []
+    assert claude_code.split_auth("gh,git") == ["gh", "git"]
+    assert claude_code.split_auth(["gh", " ssh , anthropic "]) == ["gh", "ssh", "anthropic"]
 
 
 # --------------------------------------------------------------------------- gather_credentials
@@ -101,7 +103,7 @@ FULL_GIT = {"user.name": "Ada Lovelace", "user.email": "ada@example.com"}
 
 def test_gather_everything(agent_sock, host_home):
     environ = {"SSH_AUTH_SOCK": agent_sock, "ANTHROPIC_API_KEY": SECRET}
-    creds = sandbox.gather_credentials(sandbox.AUTH_KINDS, environ, host_home, git_reader(FULL_GIT))
+    creds = claude_code.gather_credentials(claude_code.AUTH_KINDS, environ, host_home, git_reader(FULL_GIT))
     assert creds.kinds == ["ssh", "gh", "anthropic", "git"]
     assert creds.agent is True
     assert creds.gh_dir == host_home / ".config" / "gh"
@@ -119,10 +121,10 @@ def test_gather_everything(agent_sock, host_home):
 
 def test_gather_only_what_was_asked(agent_sock, host_home):
     environ = {"SSH_AUTH_SOCK": agent_sock, "ANTHROPIC_API_KEY": SECRET}
-    creds = sandbox.gather_credentials(["git"], environ, host_home, git_reader(FULL_GIT))
+    creds = claude_code.gather_credentials(["git"], environ, host_home, git_reader(FULL_GIT))
     assert creds.kinds == ["git"] and not creds.agent and creds.gh_dir is None
     assert set(creds.env) == {"GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"}
-    creds = sandbox.gather_credentials([], environ, host_home, git_reader(FULL_GIT))
+    creds = claude_code.gather_credentials([], environ, host_home, git_reader(FULL_GIT))
     assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_dir is None
     assert creds.summary() == "Auth forwarded: (none)"
 
@@ -131,7 +133,7 @@ def test_gather_leaves_out_what_the_host_lacks(tmp_path):
     empty_home = tmp_path / "empty"
     (empty_home / ".config" / "gh").mkdir(parents=True)  # a gh folder without files is no config
     environ = {"SSH_AUTH_SOCK": str(tmp_path / "gone.sock"), "ANTHROPIC_API_KEY": ""}
-    creds = sandbox.gather_credentials(sandbox.AUTH_KINDS, environ, empty_home, git_reader({}))
+    creds = claude_code.gather_credentials(claude_code.AUTH_KINDS, environ, empty_home, git_reader({}))
     assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_dir is None
     assert creds.summary() == "Auth forwarded: (none)"
     assert [note.split(":")[0] for note in creds.notes] == ["SSH agent", "gh", "anthropic", "git"]
@@ -139,7 +141,7 @@ def test_gather_leaves_out_what_the_host_lacks(tmp_path):
 
 
 def test_gather_git_with_only_a_name(host_home):
-    creds = sandbox.gather_credentials(["git"], {}, host_home, git_reader({"user.name": "Ada"}))
+    creds = claude_code.gather_credentials(["git"], {}, host_home, git_reader({"user.name": "Ada"}))
     assert creds.kinds == ["git"]
     assert creds.env == {"GIT_AUTHOR_NAME": "Ada", "GIT_COMMITTER_NAME": "Ada"}
 
@@ -149,10 +151,10 @@ def test_host_git_config_reads_git_config_global(tmp_path, monkeypatch):
     cfg.write_text("[user]\n\tname = Ada Lovelace\n\temail = ada@example.com\n")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(cfg))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    assert sandbox.host_git_config("user.name", cwd=tmp_path) == "Ada Lovelace"
-    assert sandbox.host_git_config("user.email", cwd=tmp_path) == "ada@example.com"
+    assert claude_code.host_git_config("user.name", cwd=tmp_path) == "Ada Lovelace"
+    assert claude_code.host_git_config("user.email", cwd=tmp_path) == "ada@example.com"
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "none"))
-    assert sandbox.host_git_config("user.name", cwd=tmp_path) == ""
+    assert claude_code.host_git_config("user.name", cwd=tmp_path) == ""
 
 
 # --------------------------------------------------------------------------- how it travels
@@ -163,7 +165,7 @@ def test_gh_tar_keeps_modes_and_makes_root_the_owner(host_home, tmp_path):
     (gh / "sub").mkdir(mode=0o700)
     (gh / "sub" / "x").write_text("x")
     (gh / "link").symlink_to("/etc/passwd")
-    data = sandbox.gh_tar(gh)
+    data = claude_code.gh_tar(gh)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         entries = {m.name: m for m in tar.getmembers()}
     assert set(entries) == {"gh", "gh/config.yml", "gh/hosts.yml", "gh/sub", "gh/sub/x"}  # no symlink
@@ -175,14 +177,14 @@ def test_gh_tar_keeps_modes_and_makes_root_the_owner(host_home, tmp_path):
 def test_env_file_round_trips_through_sh(tmp_path):
     env = {"ANTHROPIC_API_KEY": SECRET, "GIT_AUTHOR_NAME": "O'Brien \"$HOME\" `id` \\ ;|&", "X": "a\nb"}
     envfile = tmp_path / "env"
-    envfile.write_text(sandbox.env_file_text(env))
+    envfile.write_text(claude_code.env_file_text(env))
     out = subprocess.run(
         ["sh", "-c", '. "$1"; printf "%s\\0" "$ANTHROPIC_API_KEY" "$GIT_AUTHOR_NAME" "$X"', "sh", str(envfile)],
         capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]},
     ).stdout
     assert out.split("\0")[:3] == [env["ANTHROPIC_API_KEY"], env["GIT_AUTHOR_NAME"], "a\nb"]
     with pytest.raises(GuestError, match="invalid environment variable name"):
-        sandbox.env_file_text({"A B": "x"})
+        claude_code.env_file_text({"A B": "x"})
 
 
 @pytest.fixture
@@ -207,9 +209,9 @@ def test_wrapper_sources_deletes_and_execs(tmp_path, fake_claude):
     workdir = tmp_path / "app"
     workdir.mkdir()
     envfile = tmp_path / "secret.env"
-    envfile.write_text(sandbox.env_file_text({"ANTHROPIC_API_KEY": SECRET, "GIT_AUTHOR_NAME": "Ada"}))
+    envfile.write_text(claude_code.env_file_text({"ANTHROPIC_API_KEY": SECRET, "GIT_AUTHOR_NAME": "Ada"}))
     envfile.chmod(0o600)
-    script = sandbox.wrapper_script(str(envfile), model="claude-x 1", workdir=str(workdir))
+    script = claude_code.wrapper_script(str(envfile), model="claude-x 1", workdir=str(workdir))
     assert SECRET not in script
     env = {"PATH": f"{bindir}:/usr/bin:/bin"}
     result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
@@ -222,17 +224,17 @@ def test_wrapper_sources_deletes_and_execs(tmp_path, fake_claude):
 
 def test_wrapper_without_env_or_model(tmp_path, fake_claude):
     bindir, record = fake_claude
-    script = sandbox.wrapper_script("", workdir=str(tmp_path))
+    script = claude_code.wrapper_script("", workdir=str(tmp_path))
     assert "ANTHROPIC" not in script and ". " not in script
     subprocess.run(["sh", "-c", script], env={"PATH": f"{bindir}:/usr/bin:/bin", "ANTHROPIC_API_KEY": ""})
     assert record.read_text().splitlines() == [str(tmp_path), "key:unset", "name:unset"]
 
 
 def test_prepare_and_cleanup_remove_the_gh_copy():
-    assert "rm -rf /root/.config/gh" in sandbox.prepare_script()
-    assert "command -v claude" in sandbox.prepare_script()
-    assert "rm -rf /root/.config/gh" in sandbox.cleanup_script("")
-    assert "rm -f /run/devops-tasks-claude/x.env" in sandbox.cleanup_script("/run/devops-tasks-claude/x.env")
+    assert "rm -rf /root/.config/gh" in claude_code.prepare_script()
+    assert "command -v claude" in claude_code.prepare_script()
+    assert "rm -rf /root/.config/gh" in claude_code.cleanup_script("")
+    assert "rm -f /run/devops-tasks-claude/x.env" in claude_code.cleanup_script("/run/devops-tasks-claude/x.env")
 
 
 # --------------------------------------------------------------------------- claude() with a fake guest
@@ -253,7 +255,7 @@ def fake(monkeypatch, tmp_path):
     key = tmp_path / "id"
     key.write_text("k")
     where = guest.Target(port=40022, identity=key, known_hosts=key)
-    monkeypatch.setattr(workspace, "target", lambda devops: where)
+    monkeypatch.setattr(VM, "target", lambda self: where)
 
     @contextlib.contextmanager
     def session(target, forward_agent=False):
@@ -297,30 +299,30 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(guest, "Mount", Mount)
     monkeypatch.setattr(guest, "sftp_server_command", sftp_server_command)
     monkeypatch.setattr(guest, "capture", capture)
-    monkeypatch.setattr(sandbox, "run_session", run_foreground)
-    monkeypatch.setattr(sandbox, "feed", feed)
+    monkeypatch.setattr(claude_code, "run_session", run_foreground)
+    monkeypatch.setattr(claude_code, "feed", feed)
     return g
 
 
 @pytest.fixture
 def dev(monkeypatch):
     lines = []
-    devops = DevOps(Config(), echo=lines.append)
-    devops.lines = lines
-    devops.booted = 0
-    monkeypatch.setattr(DevOps, "is_running", lambda self: self.booted > 0)
+    vm = VM("core-dev", Config(), echo=lines.append)
+    vm.lines = lines
+    vm.booted = 0
+    monkeypatch.setattr(VM, "is_running", lambda self: self.booted > 0)
 
     def boot(self, opts=None):
         self.booted += 1
 
-    monkeypatch.setattr(DevOps, "boot", boot)
-    return devops
+    monkeypatch.setattr(VM, "boot", boot)
+    return vm
 
 
 def run_claude(dev, tmp_path, opts, environ, home, git=FULL_GIT, interactive=False):
     project = tmp_path / "proj"
     project.mkdir(exist_ok=True)
-    return sandbox.claude(dev, project, opts, environ=environ, home=home, git_config_reader=git_reader(git),
+    return claude_code.claude(dev, project, opts, environ=environ, home=home, git_config_reader=git_reader(git),
                           interactive=interactive)
 
 
@@ -392,7 +394,7 @@ def test_claude_boots_a_stopped_vm(dev, fake, tmp_path, host_home):
 
 def test_claude_not_installed(dev, fake, tmp_path, host_home):
     dev.booted = 1
-    fake.prepare_status = sandbox.NOT_INSTALLED_STATUS
+    fake.prepare_status = claude_code.NOT_INSTALLED_STATUS
     with pytest.raises(GuestError) as info:
         run_claude(dev, tmp_path, ClaudeOptions(), {"ANTHROPIC_API_KEY": SECRET}, host_home)
     message = str(info.value)
@@ -402,10 +404,10 @@ def test_claude_not_installed(dev, fake, tmp_path, host_home):
 
 
 def test_claude_bad_input_fails_before_the_vm(dev, fake, tmp_path, host_home):
-    with pytest.raises(sandbox.AuthError):
+    with pytest.raises(claude_code.AuthError):
         run_claude(dev, tmp_path, ClaudeOptions(auth=["nope"]), {}, host_home)
     with pytest.raises(ProjectError):
-        sandbox.claude(dev, tmp_path / "missing", ClaudeOptions(), environ={}, home=host_home)
+        claude_code.claude(dev, tmp_path / "missing", ClaudeOptions(), environ={}, home=host_home)
     assert dev.booted == 0 and fake.calls == []
 
 
@@ -441,7 +443,7 @@ def test_claude_ctrl_c_cleans_up(dev, fake, tmp_path, host_home, monkeypatch):
     def interrupted(argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sandbox, "run_session", interrupted)
+    monkeypatch.setattr(claude_code, "run_session", interrupted)
     assert run_claude(dev, tmp_path, ClaudeOptions(auth=["gh"]), {}, host_home) == 130
     kinds = [c[0] for c in fake.calls]
     assert kinds[-3:] == ["unmount", "cleanup", "closed"]
@@ -484,21 +486,21 @@ def test_task_exit_status_and_errors(monkeypatch):
 
 
 def test_run_session_status_and_termination(tmp_path):
-    assert sandbox.run_session(["sh", "-c", "exit 6"]) == 6
-    assert sandbox.run_session(["sh", "-c", "kill -TERM $$"]) == 128 + signal.SIGTERM
+    assert claude_code.run_session(["sh", "-c", "exit 6"]) == 6
+    assert claude_code.run_session(["sh", "-c", "kill -TERM $$"]) == 128 + signal.SIGTERM
     with pytest.raises(GuestError, match="not found"):
-        sandbox.run_session(["no-such-ssh-binary-xyz"])
+        claude_code.run_session(["no-such-ssh-binary-xyz"])
 
 
 def test_run_session_ends_ssh_on_sigterm(tmp_path):
-    """SIGTERM to this process (KeyboardInterrupt via stop_signals) ends the session's process."""
+    """SIGTERM to this process (KeyboardInterrupt via stop_as_interrupt) ends the session's process."""
     pidfile = tmp_path / "pid"
     script = f"echo $$ > {shlex.quote(str(pidfile))}; exec sleep 60"
     timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        with workspace.stop_signals():
-            sandbox.run_session(["sh", "-c", script])
+        with stop_as_interrupt():
+            claude_code.run_session(["sh", "-c", script])
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
