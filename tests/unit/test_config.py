@@ -120,3 +120,16 @@ def test_wrong_type_is_an_error():
 def test_from_dict_round_trip():
     cfg = load_config()
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("vm:\n  ssh_port: 0\n", r"vm.ssh_port: 0 is not a TCP port \(1 to 65535\)"),
+    ("vm:\n  ssh_port: -5\n", r"vm.ssh_port: -5 is not a TCP port"),
+    ("vm:\n  ssh_port: 65536\n", r"vm.ssh_port: 65536 is not a TCP port"),
+    ("vm:\n  memory: 0\n", r"vm.memory: must be positive, not 0"),
+    ("vm:\n  cpus: -1\n", r"vm.cpus: must be positive, not -1"),
+])
+def test_vm_values_a_vm_cannot_use_name_file_and_key(text, message):
+    path = write_config(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+        load_config()

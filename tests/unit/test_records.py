@@ -317,3 +317,9 @@ def test_stop_when_not_running(isolated_core_home):
     assert lines == ["Dev environment is not running"]
     assert d.is_running() is False
     assert d.status().running is False
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 70000])
+def test_an_explicit_port_out_of_range_is_an_error_not_the_default(port):
+    with pytest.raises(VMError, match=rf"invalid SSH port {port} \(use 1-65535\)"):
+        pick_port(port, 2222, free=lambda p: True)
