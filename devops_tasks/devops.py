@@ -1,4 +1,4 @@
-"""The ``DevOps`` facade: the reference's public API on top of the library.
+"""The ``DevOps`` facade: the public API on top of the library.
 
 It holds a :class:`~.lifecycle.VM` (``self.vm``) and an :class:`~.images.ImageManager`
 (``self.images``) and hands the VM to the parts that work in it (``workspace`` for

@@ -1,4 +1,4 @@
-"""Option and status types of the public API (the reference's structs, in Python spelling)."""
+"""Option and status types of the public API (``DevOps``'s arguments and results)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Each VM runs on its own qcow2 overlay whose backing file is the installed image.
 
-The image itself is never written (defect 9), several VMs share it, changes persist across
+The image itself is never written, several VMs share it, changes persist across
 stop/boot, and ``--fresh`` (or a changed image) starts again from a new overlay.
 """
 

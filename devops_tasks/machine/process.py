@@ -1,8 +1,8 @@
 """Start QEMU daemonised in its own session, talk QMP to it, and stop it with escalating deadlines.
 
-Its own session means a Ctrl-C in the terminal that booted it never reaches it (defect 8); stopping
+Its own session means a Ctrl-C in the terminal that booted it never reaches it; stopping
 goes power button → QMP ``quit`` → SIGTERM → SIGKILL, each with a deadline, and works from any
-process because the record says which process to wait for (defect 7).
+process because the record says which process to wait for.
 """
 
 from __future__ import annotations

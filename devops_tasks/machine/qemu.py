@@ -1,8 +1,7 @@
 """QEMU's command line as a pure function of a :class:`MachineSpec`, plus binary and accelerator choice.
 
-Kept pure so the exact argument list is unit-tested: the original's command line could not start
-(defect 1), never created the console socket (2), always used the x86 binary (3) and forwarded SSH on
-every interface (4).
+Kept pure so the exact argument list is unit-tested: it must start, create the console socket,
+use the binary of the image's architecture, and forward SSH on 127.0.0.1 only.
 """
 
 from __future__ import annotations

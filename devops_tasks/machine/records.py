@@ -1,8 +1,8 @@
 """One folder per VM under ``~/.core/vms/<name>/``: its record, lock, sockets, log, overlay and host key.
 
 The record says which process *is* the VM (pid plus the kernel's start time plus its command line), so
-a dead, zombie or reused PID never counts as running (defect 6), and a stale record is removed rather
-than left to hide a live VM. Writes are atomic and guarded by a per-VM ``flock`` (defect 15).
+a dead, zombie or reused PID never counts as running, and a stale record is removed rather
+than left to hide a live VM. Writes are atomic and guarded by a per-VM ``flock``.
 """
 
 from __future__ import annotations
