@@ -18,7 +18,7 @@ from devops_tasks.images import ImageManager, UpdateCheckError
 from devops_tasks.manifest import Manifest
 from devops_tasks.sources.download import download_file, part_meta_path, part_path
 
-from servers import FileServer
+from servers import FileServer, qcow2_image
 
 pytestmark = pytest.mark.e2e
 
@@ -52,8 +52,9 @@ def publish(server: FileServer, version: str, data: bytes, sha: str | None = Non
         server.files.pop("/images/manifest.json", None)
 
 
-def manager(server: FileServer) -> ImageManager:
-    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": f"{server.url}/images"}}})
+def manager(server: FileServer, require_checksum: bool = True) -> ImageManager:
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": f"{server.url}/images"},
+                                          "require_checksum": require_checksum}})
     return ImageManager(config, echo=lambda _: None, quiet=True)
 
 
@@ -68,7 +69,7 @@ def installed_state():
 @pytest.fixture
 def v1_installed(server):
     """v1 installed from the server; returns (image bytes, manifest bytes)."""
-    publish(server, "v1", os.urandom(MiB))
+    publish(server, "v1", qcow2_image(os.urandom(MiB)))
     manager(server).install()
     server.sent_by.clear()
     server.log.clear()
@@ -82,8 +83,8 @@ def no_leftovers():
 
 # -- recoveries ---------------------------------------------------------------------------------
 def test_many_cuts_resume_and_resend_only_missing_bytes(server):
-    size = 8 * MiB + 12345
-    data = os.urandom(size)
+    data = qcow2_image(os.urandom(8 * MiB + 12345))
+    size = len(data)
     publish(server, "v1", data)
     rng = random.Random(7)
     server.cuts = sorted(rng.sample(range(1, size), 12))
@@ -102,7 +103,7 @@ def test_many_cuts_resume_and_resend_only_missing_bytes(server):
 
 
 def test_server_ignoring_range_restarts_from_zero(server):
-    data = os.urandom(3 * MiB)
+    data = qcow2_image(os.urandom(3 * MiB))
     publish(server, "v1", data)
     server.cuts = [MiB + 17]
     server.ignore_range = True
@@ -126,7 +127,7 @@ def test_changed_file_invalidates_the_part(server):
 
 
 def test_416_discards_the_part_and_restarts_once(server):
-    data = os.urandom(2 * MiB)
+    data = qcow2_image(os.urandom(2 * MiB))
     publish(server, "v1", data)
     server.cuts = [MiB // 2]
     server.answer_416 = 1
@@ -166,7 +167,7 @@ def test_complete_part_is_verified_without_download(server):
 
 
 def test_ctrl_c_keeps_the_part_for_the_next_try(server):
-    data = os.urandom(4 * MiB)
+    data = qcow2_image(os.urandom(4 * MiB))
     publish(server, "v1", data)
 
     def interrupt(done, total):
@@ -189,7 +190,7 @@ def test_ctrl_c_keeps_the_part_for_the_next_try(server):
 
 def test_stall_past_read_timeout_recovers(server, monkeypatch):
     monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "0.5")
-    data = os.urandom(2 * MiB)
+    data = qcow2_image(os.urandom(2 * MiB))
     publish(server, "v1", data)
     server.stall = [MiB, 3.0, 1]
     server.stall_path = f"/images/{NAME}"
@@ -267,17 +268,17 @@ def test_size_mismatch_is_refused(server):
 
 # -- CDN versions and check-update --------------------------------------------------------------
 def test_cdn_manifest_check_update(server):
-    publish(server, "v1", b"one" * 1000)
+    publish(server, "v1", qcow2_image(b"one" * 1000))
     manager(server).install()
     assert manager(server).check_update() == ("v1", "v1", False)
-    publish(server, "v2", b"two" * 1000)
+    publish(server, "v2", qcow2_image(b"two" * 1000))
     assert manager(server).check_update() == ("v1", "v2", True)
     entry = Manifest.load().get(NAME)
     assert entry.version == "v1" and entry.source == "cdn"
 
 
 def test_cdn_manifest_file_entry(server):
-    data = os.urandom(5000)
+    data = qcow2_image(os.urandom(5000))
     server.put("/images/v3/custom.qcow2", data)
     server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v3", "file": "v3/custom.qcow2",
                                                                  "sha256": hashlib.sha256(data).hexdigest()}}})
@@ -286,23 +287,25 @@ def test_cdn_manifest_file_entry(server):
 
 
 def test_cdn_etag_fallback(server):
-    publish(server, "", b"first" * 100, manifest=False)
-    info = manager(server).install()
+    """Without manifest.json (hence without a published sha256: installed only when allowed)."""
+    first = qcow2_image(b"first" * 100)
+    publish(server, "", first, manifest=False)
+    info = manager(server, require_checksum=False).install()
     etag = server.etag_of(f"/images/{NAME}").strip('"')
     assert info.version == etag and info.version != "latest"
-    assert info.sha256 == hashlib.sha256(b"first" * 100).hexdigest()
+    assert info.sha256 == hashlib.sha256(first).hexdigest() and info.verified is False
     assert manager(server).check_update() == (etag, etag, False)
-    publish(server, "", b"second" * 100, manifest=False)
+    publish(server, "", qcow2_image(b"second" * 100), manifest=False)
     current, latest, has_update = manager(server).check_update()
     assert (current, has_update) == (etag, True) and latest == server.etag_of(f"/images/{NAME}").strip('"')
 
 
 def test_cdn_last_modified_fallback(server):
     server.etag = False
-    publish(server, "", b"first" * 100, manifest=False)
-    info = manager(server).install()
+    publish(server, "", qcow2_image(b"first" * 100), manifest=False)
+    info = manager(server, require_checksum=False).install()
     assert info.version.endswith("Z") and info.version[:2] == "20"
-    server.put(f"/images/{NAME}", b"later" * 100)
+    server.put(f"/images/{NAME}", qcow2_image(b"later" * 100))
     server.mtimes[f"/images/{NAME}"] += 3600
     assert manager(server).check_update()[2] is True
 
@@ -315,7 +318,7 @@ def test_cdn_without_any_version_is_an_error(server):
 
 
 def test_check_update_keeps_current_when_cdn_fails(server):
-    publish(server, "v1", b"one")
+    publish(server, "v1", qcow2_image(b"one"))
     manager(server).install()
     server.status["/images/manifest.json"] = 503
     with pytest.raises(UpdateCheckError) as err:
@@ -325,7 +328,7 @@ def test_check_update_keeps_current_when_cdn_fails(server):
 
 def test_one_download_per_image_at_a_time(server):
     """Two concurrent installs: the lock serialises them; both end with the right file."""
-    data = os.urandom(4 * MiB)
+    data = qcow2_image(os.urandom(4 * MiB))
     publish(server, "v1", data)
     errors = []
 

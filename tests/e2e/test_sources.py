@@ -19,7 +19,7 @@ from devops_tasks.manifest import Manifest
 from devops_tasks.sources import SourceConfig
 from devops_tasks.sources.registry import RegistrySource
 
-from servers import GitHubAPI, Registry, TokenServer, push_artifact
+from servers import GitHubAPI, Registry, TokenServer, push_artifact, qcow2_image
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def gh_manager(gh: GitHubAPI) -> ImageManager:
 
 
 def test_github_install_redirect_without_token_leak(github):
-    data = os.urandom(3 * MiB)
+    data = qcow2_image(os.urandom(3 * MiB))
     github.publish("v1.0.0", {NAME: data, "other.qcow2": b"other"})
     github.downloads.cuts = [MiB, 2 * MiB + 5]
     seen = []
@@ -73,17 +73,17 @@ def test_github_install_redirect_without_token_leak(github):
 
 
 def test_github_check_update(github):
-    github.publish("v1", {NAME: b"one" * 100})
+    github.publish("v1", {NAME: qcow2_image(b"one" * 100)})
     gh_manager(github).install()
     assert gh_manager(github).check_update() == ("v1", "v1", False)
-    github.publish("v2", {NAME: b"two" * 100})
+    github.publish("v2", {NAME: qcow2_image(b"two" * 100)})
     assert gh_manager(github).check_update() == ("v1", "v2", True)
     current, latest, info = gh_manager(github).update()
-    assert info.version == "v2" and paths.image_path().read_bytes() == b"two" * 100
+    assert info.version == "v2" and paths.image_path().read_bytes() == qcow2_image(b"two" * 100)
 
 
 def test_github_checksums_file(github):
-    data = os.urandom(5000)
+    data = qcow2_image(os.urandom(5000))
     sums = f"{'1' * 64}  other.qcow2\n{hashlib.sha256(data).hexdigest()}  {NAME}\n".encode()
     github.publish("v3", {NAME: data, "SHA256SUMS": sums}, digest=False)
     source = _github_source(github)
@@ -94,10 +94,11 @@ def test_github_checksums_file(github):
 
 
 def test_github_wrong_checksum_file(github):
-    github.publish("v1", {NAME: b"good"})
+    good, evil = qcow2_image(b"good"), qcow2_image(b"evil")
+    github.publish("v1", {NAME: good})
     gh_manager(github).install()
     before = (paths.image_path().read_bytes(), paths.manifest_path().read_bytes())
-    github.publish("v2", {NAME: b"evil", f"{NAME}.sha256": hashlib.sha256(b"good").hexdigest().encode()}, digest=False)
+    github.publish("v2", {NAME: evil, f"{NAME}.sha256": hashlib.sha256(good).hexdigest().encode()}, digest=False)
     with pytest.raises(ChecksumError, match="sha256 mismatch") as err:
         gh_manager(github).install()
     assert "X-Signature" not in str(err.value) and "secret-signature" not in str(err.value)
@@ -155,7 +156,7 @@ def reg_manager(image: str) -> ImageManager:
 @needs_registry
 def test_registry_install_and_check_update(registry):
     repo = "core/devops-a"
-    one = os.urandom(2 * MiB)
+    one = qcow2_image(os.urandom(2 * MiB))
     push_artifact(registry.url, repo, "v1", one, NAME)
     images = reg_manager(f"{registry.host}/{repo}")
     info = images.install()
@@ -163,28 +164,28 @@ def test_registry_install_and_check_update(registry):
     assert info.sha256 == hashlib.sha256(one).hexdigest()
     assert paths.image_path().read_bytes() == one
     assert reg_manager(f"{registry.host}/{repo}").check_update() == ("v1", "v1", False)
-    push_artifact(registry.url, repo, "v2", b"two", NAME)
+    push_artifact(registry.url, repo, "v2", qcow2_image(b"two"), NAME)
     assert reg_manager(f"{registry.host}/{repo}").check_update() == ("v1", "v2", True)
     reg_manager(f"{registry.host}/{repo}").update()
-    assert Manifest.load().get(NAME).version == "v2" and paths.image_path().read_bytes() == b"two"
+    assert Manifest.load().get(NAME).version == "v2" and paths.image_path().read_bytes() == qcow2_image(b"two")
 
 
 @needs_registry
 def test_registry_numeric_tag_order(registry):
     repo = "core/devops-b"
     for tag in ("v1.9.3", "latest", "v1.10.0", "v1", "v2.0.0-rc1", "sha-abc"):
-        push_artifact(registry.url, repo, tag, tag.encode(), NAME)
+        push_artifact(registry.url, repo, tag, qcow2_image(tag.encode()), NAME)
     info = reg_manager(f"{registry.host}/{repo}").install()
-    assert info.version == "v1.10.0" and paths.image_path().read_bytes() == b"v1.10.0"
+    assert info.version == "v1.10.0" and paths.image_path().read_bytes() == qcow2_image(b"v1.10.0")
 
 
 @needs_registry
 def test_registry_explicit_tag_and_titled_layer(registry):
     repo = "core/devops-c"
-    digest = push_artifact(registry.url, repo, "latest", b"mine", NAME,
+    digest = push_artifact(registry.url, repo, "latest", qcow2_image(b"mine"), NAME,
                            extra_layers={"core-devops-darwin-arm64.qcow2": b"not mine", "README": b"hi"})
     info = reg_manager(f"{registry.host}/{repo}:latest").install()
-    assert paths.image_path().read_bytes() == b"mine"
+    assert paths.image_path().read_bytes() == qcow2_image(b"mine")
     assert info.version == f"latest@{digest[:19]}"  # never the bare constant "latest"
 
 
@@ -239,7 +240,7 @@ def test_registry_basic_auth(tmp_path, monkeypatch):
     try:
         session = requests.Session()
         session.auth = ("alice", "s3cret")
-        push_artifact(reg.url, "core/private", "v1", b"private", NAME, session=session)
+        push_artifact(reg.url, "core/private", "v1", qcow2_image(b"private"), NAME, session=session)
         with pytest.raises(SourceError, match="needs credentials: set CORE_REGISTRY_USER and CORE_REGISTRY_PASSWORD"):
             reg_manager(f"{reg.host}/core/private").install()
         monkeypatch.setenv("CORE_REGISTRY_USER", "alice")
@@ -249,7 +250,7 @@ def test_registry_basic_auth(tmp_path, monkeypatch):
         assert "wrong" not in str(err.value)
         monkeypatch.setenv("CORE_REGISTRY_PASSWORD", "s3cret")
         assert reg_manager(f"{reg.host}/core/private").install().version == "v1"
-        assert paths.image_path().read_bytes() == b"private"
+        assert paths.image_path().read_bytes() == qcow2_image(b"private")
     finally:
         reg.stop()
 
@@ -269,13 +270,13 @@ def test_registry_token_flow(tmp_path, monkeypatch):
         ).json()["token"]
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {push_token}"
-        push_artifact(reg.url, repo, "v1", b"one", NAME, session=session)
+        push_artifact(reg.url, repo, "v1", qcow2_image(b"one"), NAME, session=session)
 
         info = reg_manager(f"{reg.host}/{repo}").install()  # anonymous pull token
-        assert info.version == "v1" and paths.image_path().read_bytes() == b"one"
+        assert info.version == "v1" and paths.image_path().read_bytes() == qcow2_image(b"one")
         assert any(i["user"] == "" and f"repository:{repo}:pull" in i["scope"] for i in tokens.issued)
 
-        push_artifact(reg.url, repo, "v2", b"two", NAME, session=session)
+        push_artifact(reg.url, repo, "v2", qcow2_image(b"two"), NAME, session=session)
         monkeypatch.setenv("CORE_REGISTRY_USER", "bob")
         monkeypatch.setenv("CORE_REGISTRY_PASSWORD", "pw")
         assert reg_manager(f"{reg.host}/{repo}").check_update() == ("v1", "v2", True)
@@ -291,7 +292,7 @@ def test_registry_token_flow(tmp_path, monkeypatch):
 @needs_registry
 def test_registry_source_direct_download(registry, tmp_path):
     repo = "core/devops-f"
-    data = os.urandom(100_000)
+    data = qcow2_image(os.urandom(100_000))
     push_artifact(registry.url, repo, "v3.0.0", data, NAME)
     source = RegistrySource(SourceConfig(registry_image=f"{registry.host}/{repo}", image_name=NAME, quiet=True))
     assert source.available() and source.latest_version() == "v3.0.0"
