@@ -1,29 +1,36 @@
 """The resumable, verified download against a misbehaving loopback server, through the CDN source
 and the ImageManager: cuts, ignored ranges, 416, wrong Content-Range, wrong sha256, 404, 500,
-stalls, Ctrl-C -- each a clean recovery or a clear error with the old image and manifest intact."""
+stalls, Ctrl-C -- each a clean recovery or a clear error with the old image and manifest intact.
+And what a hostile server tries: a qcow2 that names a host file, an image without a checksum,
+plain http, an endless manifest.json."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import subprocess
+import sys
 import threading
 
 import pytest
+import yaml
 
 from devops_tasks import paths
 from devops_tasks.config import Config
-from devops_tasks.errors import ChecksumError, SourceError
+from devops_tasks.errors import ChecksumError, ImageError, SourceError
 from devops_tasks.images import ImageManager, UpdateCheckError
 from devops_tasks.manifest import Manifest
 from devops_tasks.sources.download import download_file, part_meta_path, part_path
 
-from servers import FileServer, qcow2_image
+from servers import FileServer, crafted_qcow2, qcow2_image
 
 pytestmark = pytest.mark.e2e
 
 NAME = paths.image_name()
 MiB = 1 << 20
+CAP = 4 * MiB  # the size cap on answers that are not the image
 
 
 @pytest.fixture(autouse=True)
@@ -346,3 +353,99 @@ def test_one_download_per_image_at_a_time(server):
     assert not errors
     assert paths.image_path().read_bytes() == data
     assert no_leftovers()
+
+
+# -- a hostile image server ---------------------------------------------------------------------
+def run_inv(*args: str, images: dict) -> subprocess.CompletedProcess:
+    """``inv ARGS`` as a user runs it from a project of their own (a tasks.py importing the
+    collections), with ``images`` in ~/.core/config.yaml."""
+    project = paths.core_home().parent / "project"
+    project.mkdir(exist_ok=True)
+    (project / "tasks.py").write_text("from devops_tasks.tasks import ns  # noqa: F401\n")
+    paths.config_path().parent.mkdir(parents=True, exist_ok=True)
+    paths.config_path().write_text(yaml.safe_dump({"images": images}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_install_refuses_an_image_whose_backing_file_is_a_host_file(server, tmp_path):
+    """The published sha256 matches: only the header check stands between the image and the
+    host file QEMU would read into the guest."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host-only secret\n")
+    publish(server, "v1", crafted_qcow2(tmp_path, backing=secret))
+    done = run_inv("image.install", "--quiet", images={"source": "cdn", "cdn": {"url": f"{server.url}/images"}})
+    assert done.returncode == 1, done.stdout + done.stderr
+    error = done.stderr.strip().splitlines()
+    assert error == [f"Error: cdn: {NAME} names a backing file '{secret}' (QEMU would read that host file "
+                     "into the guest): refused, nothing was installed"], done.stderr
+    assert image_sent(server) > 0  # it was downloaded and verified, then refused
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+    assert no_leftovers()
+
+
+def test_update_to_an_image_with_a_data_file_keeps_the_old_image(server, v1_installed, tmp_path):
+    data_file = tmp_path / "host-data"
+    crafted = crafted_qcow2(tmp_path, data_file=data_file)
+    data_file.write_text("host-only data\n")
+    publish(server, "v2", crafted)
+    with pytest.raises(ImageError, match=f"names an external data file '{data_file}'.*refused, nothing was installed"):
+        manager(server).update()
+    assert installed_state() == v1_installed
+    assert no_leftovers()
+
+
+def test_an_image_without_a_published_checksum_is_refused(server, v1_installed):
+    publish(server, "v2", qcow2_image(b"two"), manifest=False)
+    with pytest.raises(ImageError, match=rf"^cdn publishes no sha256 for {NAME} \S+: refusing an unverified image"):
+        manager(server).update()
+    server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v2"}}})  # an entry without sha256
+    with pytest.raises(ImageError, match=rf"^cdn publishes no sha256 for {NAME} v2: refusing"):
+        manager(server).update()
+    assert image_sent(server) == 0  # refused before a byte of the image was fetched
+    assert installed_state() == v1_installed
+
+
+def test_opting_out_installs_unverified_and_says_so(server):
+    data = qcow2_image(b"unpublished")
+    server.put(f"/images/{NAME}", data)
+    server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v5"}}})
+    images = {"source": "cdn", "cdn": {"url": f"{server.url}/images"}, "require_checksum": False}
+    done = run_inv("image.install", "--quiet", images=images)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Warning: cdn publishes no sha256 for {NAME} v5; installing it unverified" in done.stdout
+    entry = json.loads(paths.manifest_path().read_text())["images"][NAME]
+    assert entry["verified"] is False and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    listed = run_inv("image.list", images=images)
+    assert "  Verified: no (no published checksum)" in listed.stdout.splitlines(), listed.stdout
+    rows = json.loads(run_inv("image.list", "--json", images=images).stdout)
+    assert [row["verified"] for row in rows] == [False]
+
+
+def test_plain_http_is_refused_off_loopback(server):
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": "http://192.0.2.10/images"}}})
+    with pytest.raises(SourceError, match=r"http://192.0.2.10/images: plain http is refused for images except on "
+                                          r"loopback \(127.0.0.0/8, ::1, localhost\): use https; fix images.cdn.url"):
+        ImageManager(config, echo=lambda _: None, quiet=True).install()
+    # a loopback server cannot send the client to plain http elsewhere either
+    publish(server, "v1", qcow2_image(b"one"))
+    server.routes["/images/manifest.json"] = lambda h: FileServer._plain(
+        h, 302, b"", {"Location": "http://192.0.2.10/images/manifest.json"})
+    with pytest.raises(SourceError, match="http://192.0.2.10/images/manifest.json: plain http is refused"):
+        manager(server).install()
+    del server.routes["/images/manifest.json"]
+    server.routes[f"/images/{NAME}"] = lambda h: FileServer._plain(
+        h, 302, b"", {"Location": f"http://192.0.2.10/images/{NAME}"})
+    with pytest.raises(SourceError, match=f"http://192.0.2.10/images/{NAME}: plain http is refused"):
+        manager(server).install()
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+
+
+@pytest.mark.parametrize("declare_length", [False, True], ids=["streamed", "declared"])
+def test_an_endless_manifest_json_is_cut_off(server, declare_length):
+    server.oversized("/images/manifest.json", 64 * MiB, declare_length=declare_length)
+    with pytest.raises(SourceError, match=rf"^failed to get latest version: {server.url}/images/manifest.json: "
+                                          r"the answer is larger than 4 MiB; refusing to read it$"):
+        manager(server).install()
+    assert server.sent_by.get("/images/manifest.json", 0) < CAP + 16 * MiB  # it stopped reading

@@ -1,5 +1,6 @@
 """The GitHub and registry sources end to end: a local releases API whose asset downloads redirect
-to another server, and a real ``docker-registry`` (anonymous, htpasswd and token auth)."""
+to another server, and a real ``docker-registry`` (anonymous, htpasswd and token auth). And what a
+hostile server tries: releases without checksums, plain http, endless answers, a crafted qcow2."""
 
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import requests
 
 from devops_tasks import paths
 from devops_tasks.config import Config
-from devops_tasks.errors import ChecksumError, SourceError
+from devops_tasks.errors import ChecksumError, ImageError, SourceError
 from devops_tasks.images import ImageManager
 from devops_tasks.manifest import Manifest
 from devops_tasks.sources import SourceConfig
 from devops_tasks.sources.registry import RegistrySource
 
-from servers import GitHubAPI, Registry, TokenServer, push_artifact, qcow2_image
+from servers import FileServer, GitHubAPI, Registry, TokenServer, crafted_qcow2, push_artifact, qcow2_image
 
 pytestmark = pytest.mark.e2e
 
 NAME = paths.image_name()
 MiB = 1 << 20
+CAP = 4 * MiB  # the size cap on answers that are not the image
 TOKEN = "ghp_test_token_do_not_leak_0123456789"
 
 
@@ -47,9 +49,10 @@ def github(monkeypatch):
     gh.stop()
 
 
-def gh_manager(gh: GitHubAPI) -> ImageManager:
+def gh_manager(gh: GitHubAPI, require_checksum: bool = True) -> ImageManager:
     config = Config.from_dict(
-        {"images": {"source": "github", "github": {"repo": gh.repo, "api_url": gh.api.url}}}
+        {"images": {"source": "github", "github": {"repo": gh.repo, "api_url": gh.api.url},
+                    "require_checksum": require_checksum}}
     )
     return ImageManager(config, echo=lambda _: None, quiet=True)
 
@@ -129,6 +132,33 @@ def test_github_unavailable_without_token_or_gh(github, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no gh here
     with pytest.raises(SourceError, match=r"no image source available \(github: not available \(no GH_TOKEN/GITHUB_TOKEN"):
         gh_manager(github).install()
+
+
+def test_github_release_without_digest_or_checksums_file_is_refused(github):
+    data = qcow2_image(b"unpublished")
+    github.publish("v1", {NAME: data, "README.md": b"no sums here"}, digest=False)
+    with pytest.raises(ImageError, match=rf"^github publishes no sha256 for {NAME} v1: refusing an unverified image"):
+        gh_manager(github).install()
+    assert github.downloads.sent == 0
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+    info = gh_manager(github, require_checksum=False).install()
+    assert info.verified is False and paths.image_path().read_bytes() == data
+    assert Manifest.load().get(NAME).verified is False
+
+
+def test_github_api_over_plain_http_off_loopback_is_refused(monkeypatch):
+    monkeypatch.setenv("GH_TOKEN", TOKEN)
+    config = Config.from_dict({"images": {"source": "github", "github": {"api_url": "http://192.0.2.10/api"}}})
+    with pytest.raises(SourceError, match=r"http://192.0.2.10/api: plain http is refused .*fix images.github.api_url"):
+        ImageManager(config, echo=lambda _: None, quiet=True).install()
+
+
+def test_github_endless_release_answer_is_cut_off(github):
+    path = f"/repos/{github.repo}/releases/latest"
+    github.api.oversized(path, 64 * MiB)
+    with pytest.raises(SourceError, match=rf"{github.api.url}{path}: the answer is larger than 4 MiB; refusing to read it$"):
+        gh_manager(github).install()
+    assert github.api.sent_by[path] < CAP + 16 * MiB
 
 
 def _github_source(gh):
@@ -298,3 +328,52 @@ def test_registry_source_direct_download(registry, tmp_path):
     assert source.available() and source.latest_version() == "v3.0.0"
     assert source.download(tmp_path / "out.qcow2") == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "out.qcow2").read_bytes() == data
+
+
+@needs_registry
+def test_registry_refuses_a_qcow2_naming_a_host_file(registry, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host-only secret\n")
+    push_artifact(registry.url, "core/crafted", "v1", crafted_qcow2(tmp_path, backing=secret), NAME)
+    with pytest.raises(ImageError, match=f"^registry: {NAME} names a backing file '{secret}'"):
+        reg_manager(f"{registry.host}/core/crafted").install()
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+
+
+def test_registry_off_loopback_is_https_only(monkeypatch):
+    monkeypatch.setenv("CORE_INSECURE_REGISTRIES", "reg.example:5000")  # no longer a way to plain http
+    config = Config.from_dict({"images": {"registry": {"image": "reg.example:5000/core/devops"}}})
+    source = RegistrySource(SourceConfig.from_config(config, image_name=NAME))
+    assert source.base == "https://reg.example:5000/v2/core/devops"
+    assert RegistrySource(SourceConfig(registry_image="127.0.0.1:5000/a/b")).base.startswith("http://127.0.0.1:5000/")
+    assert RegistrySource(SourceConfig(registry_image="localhost:5000/a/b")).base.startswith("http://localhost:5000/")
+
+
+@pytest.fixture
+def fake_registry():
+    """A loopback server answering as a registry would, for answers a real one never sends."""
+    with FileServer() as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("what", ["tag list", "manifest", "token"])
+def test_registry_endless_answers_are_cut_off(fake_registry, what):
+    image, path = f"127.0.0.1:{fake_registry.httpd.server_address[1]}/core/big", "/v2/core/big/tags/list"
+    if what == "manifest":
+        image, path = image + ":v1", "/v2/core/big/manifests/v1"
+    if what == "token":
+        challenge = {"WWW-Authenticate": f'Bearer realm="{fake_registry.url}/token",service="test"'}
+        fake_registry.routes["/v2/core/big/tags/list"] = lambda h: FileServer._plain(h, 401, b"{}", challenge)
+        path = "/token"
+    fake_registry.oversized(path, 64 * MiB)
+    with pytest.raises(SourceError, match=rf"{fake_registry.url}{path}: the answer is larger than 4 MiB; refusing to read it$"):
+        reg_manager(image).install()
+    assert fake_registry.sent_by[path] < CAP + 16 * MiB
+
+
+def test_registry_token_realm_over_plain_http_off_loopback_is_refused(fake_registry):
+    challenge = {"WWW-Authenticate": 'Bearer realm="http://192.0.2.10/token",service="test"'}
+    fake_registry.routes["/v2/core/x/tags/list"] = lambda h: FileServer._plain(h, 401, b"{}", challenge)
+    port = fake_registry.httpd.server_address[1]
+    with pytest.raises(SourceError, match=r"token server: http://192.0.2.10/token: plain http is refused"):
+        reg_manager(f"127.0.0.1:{port}/core/x").install()
