@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "registry": {"image": "ghcr.io/host-uk/core-devops"},
         "cdn": {"url": ""},
         "build": {"recipe": "minimal"},
+        "require_checksum": True,
     },
     "vm": {
         "name": "core-dev",
@@ -63,6 +64,8 @@ class ImagesConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cdn: CDNConfig = field(default_factory=CDNConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    # False: an image whose source publishes no sha256 installs, recorded as unverified
+    require_checksum: bool = DEFAULTS["images"]["require_checksum"]
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Config:
                     registry=RegistryConfig(image=str(images["registry"]["image"])),
                     cdn=CDNConfig(url=str(images["cdn"]["url"] or "")),
                     build=BuildConfig(recipe=str(images["build"]["recipe"])),
+                    require_checksum=_bool(images["require_checksum"], f"{origin}: images.require_checksum"),
                 ),
                 vm=VMConfig(
                     name=str(vm["name"]),
@@ -132,6 +136,18 @@ class Config:
             raise ConfigError(f"{origin}: invalid value: {exc}") from exc
         config.vm.check(origin)
         return config
+
+
+def _bool(value: Any, where: str) -> bool:
+    """A YAML boolean, or its spelling in a string (an ``INVOKE_CORE_*`` variable)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
 
 
 def _known(data: Any, shape: Mapping[str, Any], where: str = "") -> dict[str, Any]:

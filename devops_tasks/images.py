@@ -2,13 +2,15 @@
 
 It picks sources from ``images.source`` (``auto`` tries GitHub, the CDN, the registry, then a local
 build), downloads through the source, and records the result in the manifest *last*: the image
-file is already complete, fsynced and renamed into place by then, and the manifest itself is
-replaced atomically under a lock, so a crash or Ctrl-C never leaves a half image counted as
-installed.
+file is already complete, verified, fsynced and renamed into place by then, and the manifest
+itself is replaced atomically under a lock, so a crash or Ctrl-C never leaves a half image counted
+as installed. It refuses an image without a published checksum (unless ``images.require_checksum``
+is false) and never replaces the image while a VM runs on it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +19,7 @@ from . import paths
 from .config import VALID_SOURCES, Config
 from .errors import DevopsError, ImageError, SourceError
 from .fsutil import file_lock, is_locked
+from .machine.records import VMDir, all_names, is_alive
 from .manifest import ImageInfo, Manifest, _now
 from .sources import ImageSource, SourceConfig
 
@@ -43,7 +46,8 @@ class PruneResult:
 
 
 def _make_source(kind: str, cfg: SourceConfig, echo: Optional[Echo] = None) -> ImageSource:
-    """The real source called ``kind`` (imported on first use: requests stays unloaded until then)."""
+    """The real source called ``kind`` (one of ``AUTO_ORDER``), imported on first use: ``requests``
+    stays unloaded until then."""
     if kind == "github":
         from .sources.github import GitHubSource
 
@@ -56,44 +60,13 @@ def _make_source(kind: str, cfg: SourceConfig, echo: Optional[Echo] = None) -> I
         from .sources.registry import RegistrySource
 
         return RegistrySource(cfg)
-    if kind == "build":
-        try:
-            from .sources.build import BuildSource
-        except ModuleNotFoundError as exc:
-            if exc.name != "devops_tasks.sources.build":
-                raise
-            return _Missing("build", "the local image builder is not part of this installation")
-        try:
-            return BuildSource(cfg, log=echo)  # the builder's one-line progress messages
-        except TypeError:
-            return BuildSource(cfg)
-    raise ImageError(f"unknown image source {kind!r} (valid: {', '.join(VALID_SOURCES)})")
+    from .sources.build import BuildSource
 
-
-class _Missing:
-    """Stands in for a source whose module is not there, so ``auto`` can report it and go on."""
-
-    def __init__(self, kind: str, why: str):
-        self._kind = kind
-        self.unavailable_reason = why
-
-    def name(self) -> str:
-        return self._kind
-
-    def available(self) -> bool:
-        return False
-
-    def latest_version(self) -> str:
-        raise SourceError(f"{self._kind}: {self.unavailable_reason}")
-
-    def download(self, dest: Path, progress: Optional[Progress] = None) -> str:
-        raise SourceError(f"{self._kind}: {self.unavailable_reason}")
+    return BuildSource(cfg, log=echo)  # the builder's one-line progress messages
 
 
 def _why_unavailable(source: ImageSource) -> str:
-    reason = getattr(source, "unavailable_reason", "") or ""
-    if callable(reason):
-        reason = reason()
+    reason = source.unavailable_reason
     return f"not available ({reason})" if reason else "not available"
 
 
@@ -167,9 +140,11 @@ class ImageManager:
         """Download the latest image from the first source that works and record it.
 
         Raises ``no image source available`` when no candidate is available, and otherwise the
-        failure of a lone source, or one error listing every source and why it failed.
+        failure of a lone source, or one error listing every source and why it failed. Refuses
+        while a VM runs on the installed image.
         """
         candidates = self.candidates(source)
+        self.refuse_while_in_use()
         failures: dict[int, str] = {}
         tried: list[tuple[int, ImageSource]] = []
         for index, src in enumerate(candidates):
@@ -200,6 +175,16 @@ class ImageManager:
             version = src.latest_version()
         except DevopsError as exc:
             raise SourceError(f"failed to get latest version: {exc}") from exc
+        verified = bool(src.expected_sha256) or src.local
+        if not verified:
+            if self.config.images.require_checksum:
+                raise ImageError(
+                    f"{src.name()} publishes no sha256 for {self.image_name} {version}: refusing an "
+                    "unverified image (publish a checksum, or set images.require_checksum: false in "
+                    "~/.core/config.yaml to install it unverified)"
+                )
+            self.echo(f"Warning: {src.name()} publishes no sha256 for {self.image_name} {version}; "
+                      "installing it unverified (images.require_checksum: false)")
         self.echo(f"Downloading {self.image_name} from {src.name()}...")
         self.images_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -209,14 +194,39 @@ class ImageManager:
         if not self.image_path.is_file():
             raise ImageError(f"{src.name()}: download finished but {self.image_path} is missing")
         info = ImageInfo(
-            version=getattr(src, "downloaded_version", "") or version,
+            version=src.downloaded_version or version,
             source=src.name(),
             sha256=sha or "",
             downloaded=_now(),
-            guest_contract=int(getattr(src, "guest_contract", 0) or 0),
+            guest_contract=src.guest_contract,
+            verified=verified,
         )
         self._record(info)
         return info
+
+    def vms_on_image(self) -> list[str]:
+        """Names of the VMs whose QEMU runs now on the installed image (stale records do not count)."""
+        image = os.path.realpath(self.image_path)
+        names = []
+        for name in all_names():
+            record = VMDir(name).load()
+            if record is not None and os.path.realpath(record.image) == image and is_alive(record):
+                names.append(name)
+        return names
+
+    def refuse_while_in_use(self) -> None:
+        """Raise :class:`ImageError` when a VM runs on the installed image: replacing the file
+        under a running QEMU would corrupt its disk."""
+        if not self.image_path.exists():
+            return
+        running = self.vms_on_image()
+        if running:
+            many = len(running) > 1
+            raise ImageError(
+                f"cannot replace {self.image_name} while VM{'s' if many else ''} {', '.join(running)} "
+                f"{'are' if many else 'is'} running on it: stop {'them' if many else 'it'} first "
+                f"(inv vm.stop --name {running[0] if not many else 'NAME'}), then try again"
+            )
 
     def _record(self, info: ImageInfo) -> None:
         """Manifest read-modify-write under its lock; the save itself is atomic."""
@@ -257,7 +267,9 @@ class ImageManager:
         return current, latest, latest != current
 
     def update(self, progress: Optional[Progress] = None) -> tuple[str, str, Optional[ImageInfo]]:
-        """Install the latest version when it differs: ``(current, latest, new info or None)``."""
+        """Install the latest version when it differs: ``(current, latest, new info or None)``.
+
+        Refuses (:class:`ImageError`) while a VM runs on the installed image."""
         current, src = self._update_source()
         try:
             latest = src.latest_version()
@@ -265,12 +277,14 @@ class ImageManager:
             raise UpdateCheckError(f"failed to get latest version: {exc}", current) from exc
         if latest == current:
             return current, latest, None
+        self.refuse_while_in_use()
         return current, latest, self._install_from(src, progress)
 
     # -- list and prune ----------------------------------------------------------------------
     def list(self) -> list[dict]:
         """One dict per manifest entry: name, version, source, size (None when the file is
-        missing), sha256, downloaded (RFC 3339), current (the platform image), installed."""
+        missing), sha256, verified (False: no published checksum was checked), downloaded
+        (RFC 3339), current (the platform image), installed."""
         rows = []
         for name, info in sorted(self.manifest().images.items()):
             path = self.images_dir / name
@@ -286,6 +300,7 @@ class ImageManager:
                     "source": info.source,
                     "size": size,
                     "sha256": info.sha256,
+                    "verified": info.verified,
                     "downloaded": data["downloaded"],
                     "current": name == self.image_name,
                     "installed": size is not None,

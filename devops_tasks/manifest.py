@@ -30,13 +30,16 @@ def _parse_time(text: str) -> datetime:
 @dataclass
 class ImageInfo:
     """One installed image. ``guest_contract`` > 0 means the image follows this tool's guest contract
-    (host key and login key injected at boot), so SSH is strict from the first connection."""
+    (host key and login key injected at boot), so SSH is strict from the first connection.
+    ``verified`` is False when the source published no checksum and the user allowed that
+    (``images.require_checksum: false``): ``sha256`` was then only computed here."""
 
     version: str
     source: str
     sha256: str = ""
     downloaded: datetime = field(default_factory=_now)
     guest_contract: int = 0
+    verified: bool = True
 
     def to_dict(self) -> dict:
         data = {"version": self.version}
@@ -46,6 +49,8 @@ class ImageInfo:
         data["source"] = self.source
         if self.guest_contract:
             data["guest_contract"] = self.guest_contract
+        if not self.verified:
+            data["verified"] = False
         return data
 
     @classmethod
@@ -56,6 +61,7 @@ class ImageInfo:
             sha256=str(data.get("sha256", "")),
             downloaded=_parse_time(data["downloaded"]) if data.get("downloaded") else _now(),
             guest_contract=int(data.get("guest_contract", 0) or 0),
+            verified=data.get("verified", True) is not False,
         )
 
 

@@ -1,18 +1,23 @@
-"""Where images come from: the :class:`ImageSource` protocol, its config, and the built-in sources.
+"""Where images come from: the :class:`ImageSource` base, its config, and the built-in sources.
 
-Every HTTP source (GitHub releases, a CDN folder, an OCI registry) delivers through the one
-resumable, verified download in :mod:`devops_tasks.sources.download`. The sources themselves are
-imported on first use (``from devops_tasks.sources import CDNSource``) so ``import devops_tasks``
-never pulls in ``requests`` or ``tqdm``.
+Every HTTP source (GitHub releases, a CDN folder, an OCI registry) is an
+:class:`~devops_tasks.sources.download.HTTPSource` and delivers through the one resumable, verified
+download in :mod:`devops_tasks.sources.download`. The sources themselves are imported on first use
+(``from devops_tasks.sources import CDNSource``) so ``import devops_tasks`` never pulls in
+``requests`` or ``tqdm``.
 """
 
 from __future__ import annotations
 
+import abc
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Optional
+
+from ..config import DEFAULTS, Config
+from ..errors import ConfigError
 
 Progress = Callable[[int, int], None]
 
@@ -20,87 +25,39 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_RETRIES = 20
 
-
-@runtime_checkable
-class ImageSource(Protocol):
-    """What the :class:`~devops_tasks.images.ImageManager` needs from a source.
-
-    Optional attributes a source may also have (read with ``getattr``):
-
-    * ``expected_sha256`` -- the sha256 the source publishes for the latest image (after
-      :meth:`latest_version`), empty when it publishes none;
-    * ``guest_contract`` -- copied into the manifest entry (``ImageInfo.guest_contract``), 0 when
-      absent;
-    * ``unavailable_reason`` -- one line saying why :meth:`available` is False;
-    * ``downloaded_version`` -- the version actually delivered by :meth:`download` when it can
-      differ from what :meth:`latest_version` said (e.g. a CDN file changed in between).
-    """
-
-    def name(self) -> str:
-        """Short name recorded in the manifest: ``github``, ``cdn``, ``registry``, ``build``."""
-        ...
-
-    def available(self) -> bool:
-        """Cheap check that this source can be asked at all (configured, authenticated)."""
-        ...
-
-    def latest_version(self) -> str:
-        """The newest version this source offers; raises :class:`SourceError` when it cannot tell."""
-        ...
-
-    def download(self, dest: Path, progress: Optional[Progress] = None) -> str:
-        """Put the latest image at ``dest`` (atomically) and return its verified sha256 hex."""
-        ...
+_IMAGES = DEFAULTS["images"]
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_number(name: str, default, kind: type, what: str):
+    """``$name`` read as ``kind`` (``default`` when unset or empty); a one-line error otherwise."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
-        return float(text)
+        return kind(text)
     except ValueError:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"${name}: expected a number of seconds, got {text!r}") from None
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"${name}: expected a whole number, got {text!r}") from None
-
-
-def _env_list(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+        raise ConfigError(f"${name}: expected {what}, got {text!r}") from None
 
 
 @dataclass
 class SourceConfig:
-    """What the sources need to know, flattened from :class:`~devops_tasks.config.Config`.
+    """What the sources need to know, flattened from :class:`~devops_tasks.config.Config` (whose
+    ``DEFAULTS`` are the defaults here too).
 
     ``connect_timeout``/``read_timeout`` (seconds) bound each HTTP request; ``retries`` bounds how
-    often one download resumes after a cut connection. ``insecure_registries`` lists registry hosts
-    (``host`` or ``host:port``) spoken to over plain http; loopback registries always are.
+    often one download resumes after a cut connection.
     """
 
-    github_repo: str = "host-uk/core-images"
-    github_api_url: str = "https://api.github.com"
-    cdn_url: str = ""
-    registry_image: str = "ghcr.io/host-uk/core-devops"
+    github_repo: str = _IMAGES["github"]["repo"]
+    github_api_url: str = _IMAGES["github"]["api_url"]
+    cdn_url: str = _IMAGES["cdn"]["url"]
+    registry_image: str = _IMAGES["registry"]["image"]
     image_name: str = ""
-    build_recipe: str = "minimal"
+    build_recipe: str = _IMAGES["build"]["recipe"]
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     retries: int = DEFAULT_RETRIES
     quiet: bool = False
-    insecure_registries: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.image_name:
@@ -114,24 +71,68 @@ class SourceConfig:
         return (self.connect_timeout, self.read_timeout)
 
     @classmethod
-    def from_config(cls, config: Any, image_name: str = "", quiet: bool = False) -> "SourceConfig":
-        """From the typed config plus the environment overrides:
-        ``CORE_HTTP_CONNECT_TIMEOUT``, ``CORE_HTTP_READ_TIMEOUT``, ``CORE_DOWNLOAD_RETRIES``,
-        ``CORE_INSECURE_REGISTRIES`` (comma-separated ``host[:port]``)."""
+    def from_config(cls, config: Config, image_name: str = "", quiet: bool = False) -> "SourceConfig":
+        """From the typed config plus the environment overrides
+        ``CORE_HTTP_CONNECT_TIMEOUT``, ``CORE_HTTP_READ_TIMEOUT`` and ``CORE_DOWNLOAD_RETRIES``."""
         images = config.images
+        seconds = "a number of seconds"
         return cls(
             github_repo=images.github.repo,
-            github_api_url=getattr(images.github, "api_url", "") or "https://api.github.com",
+            github_api_url=images.github.api_url,
             cdn_url=images.cdn.url,
             registry_image=images.registry.image,
             image_name=image_name,
-            build_recipe=getattr(getattr(images, "build", None), "recipe", "minimal"),
-            connect_timeout=_env_float("CORE_HTTP_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
-            read_timeout=_env_float("CORE_HTTP_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
-            retries=_env_int("CORE_DOWNLOAD_RETRIES", DEFAULT_RETRIES),
+            build_recipe=images.build.recipe,
+            connect_timeout=_env_number("CORE_HTTP_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, float, seconds),
+            read_timeout=_env_number("CORE_HTTP_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, float, seconds),
+            retries=_env_number("CORE_DOWNLOAD_RETRIES", DEFAULT_RETRIES, int, "a whole number"),
             quiet=quiet,
-            insecure_registries=_env_list("CORE_INSECURE_REGISTRIES"),
         )
+
+
+class ImageSource(abc.ABC):
+    """What the :class:`~devops_tasks.images.ImageManager` needs from a source.
+
+    Declared by each source class:
+
+    * ``kind`` -- the short name recorded in the manifest (``github``, ``cdn``, ``registry``,
+      ``build``), returned by :meth:`name`;
+    * ``guest_contract`` -- copied into the manifest entry (``ImageInfo.guest_contract``);
+    * ``local`` -- the image is made on this machine, so there is no published checksum to ask for.
+
+    Kept up to date by the source as it works:
+
+    * ``expected_sha256`` -- the sha256 the source publishes for the latest image (after
+      :meth:`latest_version`), '' when it publishes none;
+    * ``downloaded_version`` -- the version :meth:`download` actually delivered when it can differ
+      from what :meth:`latest_version` said (a CDN file changed in between), else '';
+    * ``unavailable_reason`` -- one line saying why :meth:`available` is False.
+    """
+
+    kind: ClassVar[str] = ""
+    guest_contract: ClassVar[int] = 0
+    local: ClassVar[bool] = False
+
+    def __init__(self, cfg: Optional[SourceConfig] = None):
+        self.cfg = cfg if cfg is not None else SourceConfig()
+        self.expected_sha256 = ""
+        self.downloaded_version = ""
+        self.unavailable_reason = ""
+
+    def name(self) -> str:
+        return self.kind
+
+    @abc.abstractmethod
+    def available(self) -> bool:
+        """Cheap check that this source can be asked at all (configured, authenticated)."""
+
+    @abc.abstractmethod
+    def latest_version(self) -> str:
+        """The newest version this source offers; raises :class:`SourceError` when it cannot tell."""
+
+    @abc.abstractmethod
+    def download(self, dest: Path, progress: Optional[Progress] = None) -> str:
+        """Put the latest image at ``dest`` (atomically) and return its sha256 hex."""
 
 
 _LAZY = {

@@ -9,24 +9,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import DevopsError, SourceError
-from . import Progress, SourceConfig
+from . import ImageSource, Progress, SourceConfig
 
 
-class BuildSource:
+class BuildSource(ImageSource):
+    kind = "build"
     guest_contract = 1
+    local = True  # built here from Debian packages apt verified: no published checksum to ask for
 
     def __init__(self, cfg: Optional[SourceConfig] = None, recipe: str = "",
                  log: Optional[Callable[[str], None]] = None):
-        self.cfg = cfg or SourceConfig()
-        self.recipe_name = recipe or self.cfg.build_recipe or "minimal"
+        super().__init__(cfg)
+        self.recipe_name = recipe or self.cfg.build_recipe
         self.log = log if log is not None else (None if self.cfg.quiet else _stderr)
-        self.expected_sha256 = ""
-        self.downloaded_version = ""
-        self.unavailable_reason = ""
         self._plan = None
-
-    def name(self) -> str:
-        return "build"
 
     def available(self) -> bool:
         """Host tools present and the recipe found (nothing is fetched)."""
@@ -73,10 +69,6 @@ class BuildSource:
         if progress is not None:
             progress(result.size, result.size)
         return result.sha256
-
-    @property
-    def sha256(self) -> str:
-        return self.expected_sha256
 
 
 def _stderr(message: str) -> None:

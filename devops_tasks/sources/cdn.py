@@ -22,7 +22,8 @@ import requests
 
 from ..errors import SourceError
 from . import Progress, SourceConfig
-from .download import _reason, download_file, redact
+from .download import HTTPSource
+from .http import check_url, redact
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -41,20 +42,15 @@ def version_from_validator(validator: str) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class CDNSource:
-    def __init__(self, cfg: SourceConfig, session: Optional[requests.Session] = None):
-        self.cfg = cfg
-        self.base = cfg.cdn_url.strip().rstrip("/")
-        self.session = session or requests.Session()
-        self.expected_sha256 = ""
-        self.guest_contract = 0
-        self.downloaded_version = ""
-        self.unavailable_reason = "" if self.base else "images.cdn.url is not set"
-        self._file = cfg.image_name
-        self._from_headers = False
+class CDNSource(HTTPSource):
+    kind = "cdn"
 
-    def name(self) -> str:
-        return "cdn"
+    def __init__(self, cfg: Optional[SourceConfig] = None, session: Optional[requests.Session] = None):
+        super().__init__(cfg, session)
+        self.base = self.cfg.cdn_url.strip().rstrip("/")
+        self.unavailable_reason = "" if self.base else "images.cdn.url is not set"
+        self._file = self.cfg.image_name
+        self._from_headers = False
 
     def available(self) -> bool:
         return bool(self.base)
@@ -67,16 +63,10 @@ class CDNSource:
     def file_url(self) -> str:
         return f"{self.base}/{quote(self._file)}"
 
-    def _request(self, method: str, url: str) -> requests.Response:
-        try:
-            return self.session.request(method, url, timeout=self.cfg.timeout, allow_redirects=True)
-        except requests.RequestException as exc:
-            raise SourceError(f"cannot reach {redact(url)}: {_reason(exc)}") from None
-
     def _from_manifest(self) -> Optional[str]:
         """The version listed in manifest.json, or None when there is no usable entry."""
         url = self.manifest_url
-        resp = self._request("GET", url)
+        resp = self.get_document(url)
         if resp.status_code in (403, 404):  # S3 answers 403 for a missing key
             return None
         if resp.status_code != 200:
@@ -104,7 +94,7 @@ class CDNSource:
 
     def _from_headers_of_file(self) -> str:
         url = self.file_url
-        resp = self._request("HEAD", url)
+        resp = self.get_document(url, method="HEAD")
         if resp.status_code == 404:
             raise SourceError(f"{redact(url)}: not found (HTTP 404); check images.cdn.url")
         if resp.status_code != 200:
@@ -119,6 +109,7 @@ class CDNSource:
         return version_from_validator(validator)
 
     def latest_version(self) -> str:
+        check_url(self.base, "images.cdn.url")
         self._file = self.cfg.image_name
         self.expected_sha256 = ""
         version = self._from_manifest()
@@ -128,17 +119,7 @@ class CDNSource:
         return version
 
     def download(self, dest: Path, progress: Optional[Progress] = None) -> str:
-        result = download_file(
-            self.file_url,
-            dest,
-            expected_sha256=self.expected_sha256,
-            progress=progress,
-            quiet=self.cfg.quiet,
-            timeout=self.cfg.timeout,
-            retries=self.cfg.retries,
-            session=self.session,
-            label=self.cfg.image_name,
-        )
+        result = self.download_url(self.file_url, dest, progress)
         # Versioned by headers: record the version of the bytes actually received.
         self.downloaded_version = (
             version_from_validator(result.validator) if self._from_headers and result.validator else ""

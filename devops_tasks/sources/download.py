@@ -15,9 +15,14 @@
   up sooner when attempts make no progress;
 * on success: fsync, compare with the expected sha256 (mismatch → :class:`ChecksumError`, part
   deleted, the existing image untouched), then an atomic rename onto ``dest``;
+* runs the caller's ``check`` on the verified part before the rename (the image sources refuse a
+  qcow2 that names a backing or data file there), deleting the part when it refuses;
 * holds ``fsutil.file_lock(<dest>.lock)`` so one image is downloaded by one process at a time;
-* sends the caller's ``headers`` (credentials) only to the origin of ``url``: redirects to another
-  host (a CDN, object storage) get none of them.
+* speaks HTTP through :mod:`devops_tasks.sources.http`: https (plain http on loopback only),
+  the caller's ``headers`` (credentials) to the origin of ``url`` only.
+
+:class:`HTTPSource` is the base of the sources that download over HTTP: one place that calls
+:func:`download_file` and reads their small documents with a size cap.
 """
 
 from __future__ import annotations
@@ -35,25 +40,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
-from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
 
-from ..errors import ChecksumError, ImageError, SourceError
+from ..errors import ChecksumError, DevopsError, ImageError, SourceError
 from ..fsutil import atomic_write_text, file_lock, fsync_dir, is_locked
+from . import ImageSource, Progress, SourceConfig
+from .http import Document, Reauth, get_document, open_url, reason, redact
+from .qcow2 import check_image
 
 CHUNK = 1 << 20
-MAX_REDIRECTS = 10
 WRITEBACK_EVERY = 32 << 20
 MAX_STALLS = 3  # consecutive attempts that received no byte before giving up
-USER_AGENT = "devops-tasks"
 
-Progress = Callable[[int, int], None]
-Reauth = Callable[[requests.Response], Mapping[str, str]]
+Check = Callable[[Path], None]
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
-_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass
@@ -79,19 +82,6 @@ def part_meta_path(dest: Path) -> Path:
 
 def lock_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".lock")
-
-
-def origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the default port filled in: what "the same server" means."""
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return (parts.scheme, (parts.hostname or "").lower(), port)
-
-
-def redact(url: str) -> str:
-    """``url`` without its query string (signed redirect URLs carry credentials there)."""
-    parts = urlsplit(url)
-    return parts._replace(query="", fragment="").geturl() if parts.query else url
 
 
 class _Hasher:
@@ -158,22 +148,25 @@ class _Transient(Exception):
 
 
 class _Download:
+    """One run of :func:`download_file` (whose docstring says what each option means)."""
+
     def __init__(
         self,
         url: str,
         dest: Path,
         *,
-        headers: Optional[Mapping[str, str]],
-        expected_sha256: str,
-        size: int,
-        progress: Optional[Progress],
-        quiet: bool,
-        timeout: tuple[float, float],
-        retries: int,
-        backoff: float,
-        session: Optional[requests.Session],
-        label: str,
-        reauth: Optional[Reauth],
+        headers: Optional[Mapping[str, str]] = None,
+        expected_sha256: str = "",
+        size: int = -1,
+        progress: Optional[Progress] = None,
+        quiet: bool = False,
+        timeout: tuple[float, float] = (10.0, 60.0),
+        retries: int = 20,
+        backoff: float = 0.25,
+        session: Optional[requests.Session] = None,
+        label: str = "",
+        reauth: Optional[Reauth] = None,
+        check: Optional[Check] = None,
     ):
         self.url = url
         self.shown_url = redact(url)
@@ -194,7 +187,7 @@ class _Download:
         self.session = session or requests.Session()
         self.label = label or self.dest.name
         self.reauth = reauth
-        self.origin = origin(url)
+        self.check = check
 
         self.hasher = _Hasher()
         self.offset = 0
@@ -252,41 +245,13 @@ class _Download:
 
     # -- HTTP --------------------------------------------------------------------------------
     def _request(self, extra: dict[str, str]) -> requests.Response:
-        """GET with manual redirects: credentials go to the origin of the first URL only."""
-        url = self.url
-        reauthed = False
-        for _ in range(MAX_REDIRECTS + 1):
-            same_origin = origin(url) == self.origin
-            headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra}
-            if same_origin:
-                headers.update(self.headers)
-            try:
-                resp = self.session.get(
-                    url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
-                )
-            except requests.exceptions.SSLError as exc:
-                raise SourceError(f"{redact(url)}: TLS error: {_reason(exc)}") from None
-            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                    requests.exceptions.InvalidSchema) as exc:
-                raise SourceError(f"{redact(url)}: invalid URL: {exc}") from None
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-                raise _Transient(f"{redact(url)}: {_reason(exc)}") from None
-            if resp.status_code in _REDIRECTS and resp.headers.get("Location"):
-                resp.close()
-                target = urljoin(url, resp.headers["Location"])
-                if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
-                    raise SourceError(f"{redact(url)}: refusing a redirect from https to {redact(target)}")
-                url = target
-                continue
-            if resp.status_code == 401 and same_origin and self.reauth is not None and not reauthed:
-                new = self.reauth(resp)
-                resp.close()
-                self.headers.update(new)
-                reauthed = True
-                continue
-            resp.final_url = url  # type: ignore[attr-defined]
-            return resp
-        raise SourceError(f"{self.shown_url}: more than {MAX_REDIRECTS} redirects")
+        """GET through :func:`~devops_tasks.sources.http.open_url` (credentials to the origin only)."""
+        try:
+            return open_url(self.session, self.url, timeout=self.timeout,
+                            headers={"Accept-Encoding": "identity", **extra},
+                            credentials=self.headers, reauth=self.reauth)
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise _Transient(f"{self.shown_url}: {reason(exc)}") from None
 
     def _attempt(self) -> bool:
         """One request; True when the body is complete, False to start over at once."""
@@ -395,7 +360,7 @@ class _Download:
                         self.progress(self.offset, self.total)
             except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
                     http.client.HTTPException, OSError, ValueError) as exc:
-                raise _Transient(f"{self.shown_url}: {_reason(exc)}") from None
+                raise _Transient(f"{self.shown_url}: {reason(exc)}") from None
 
     def _chunks(self, resp: requests.Response):
         """Body chunks as (data, pool buffer or None), each byte kept even when the connection
@@ -504,6 +469,12 @@ class _Download:
                 f"{self.shown_url}: sha256 mismatch (expected {self.expected}, got {digest}); "
                 f"the download was deleted and {self.dest.name} was left as it was"
             )
+        if self.check is not None:
+            try:
+                self.check(self.part)
+            except DevopsError:
+                self._discard()
+                raise
         try:
             os.replace(self.part, self.dest)
             fsync_dir(self.dest.parent)
@@ -538,65 +509,70 @@ def _validator(resp: requests.Response) -> str:
     return resp.headers.get("Last-Modified", "").strip()
 
 
-def _reason(exc: BaseException) -> str:
-    """A short cause for a requests error, without URLs' query strings or nested reprs."""
-    lowered = str(exc).lower()
-    if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)) or "read timed out" in lowered:
-        return "timed out waiting for data"
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "timed out connecting"
-    text = str(exc)
-    for needle, short in (
-        ("Connection refused", "connection refused"),
-        ("Name or service not known", "host name not found"),
-        ("Temporary failure in name resolution", "host name not found"),
-        ("IncompleteRead", "connection closed before the end of the file"),
-        ("Connection broken", "connection broken"),
-        ("Connection reset", "connection reset"),
-        ("RemoteDisconnected", "connection closed by the server"),
-        ("Connection aborted", "connection aborted"),
-    ):
-        if needle in text:
-            return short
-    return text.split("\n")[0][:200]
-
-
-def download_file(
-    url: str,
-    dest: Path | str,
-    *,
-    headers: Optional[Mapping[str, str]] = None,
-    expected_sha256: str = "",
-    size: int = -1,
-    progress: Optional[Progress] = None,
-    quiet: bool = False,
-    timeout: tuple[float, float] = (10.0, 60.0),
-    retries: int = 20,
-    backoff: float = 0.25,
-    session: Optional[requests.Session] = None,
-    label: str = "",
-    reauth: Optional[Reauth] = None,
-) -> DownloadResult:
+def download_file(url: str, dest: Path | str, **options) -> DownloadResult:
     """Download ``url`` to ``dest`` resumably and verified; see the module docstring.
 
-    ``headers`` go only to the origin of ``url`` (never to a redirect target elsewhere);
-    ``expected_sha256`` (hex, optionally ``sha256:``-prefixed) is checked before ``dest`` is
-    replaced; ``size`` (when >= 0) is the expected length; ``reauth(resp)`` is called once on a 401
-    from the origin and returns fresh headers (e.g. a new registry token). KeyboardInterrupt keeps
-    the ``.part`` for the next run.
+    Options (all keyword): ``headers`` (credentials) go only to the origin of ``url``, never to a
+    redirect target elsewhere; ``expected_sha256`` (hex, optionally ``sha256:``-prefixed) is
+    checked before ``dest`` is replaced; ``size`` (when >= 0) is the expected length;
+    ``progress(done, total)``; ``quiet`` hides the bar; ``timeout`` (connect, read) seconds;
+    ``retries`` and ``backoff`` bound the retries; ``session``; ``label`` names the bar;
+    ``reauth(resp)`` is called once on a 401 from the origin and returns fresh headers (e.g. a new
+    registry token); ``check(part)`` runs on the verified file before it replaces ``dest`` and
+    raises a :class:`DevopsError` to refuse it. KeyboardInterrupt keeps the ``.part`` for the next
+    run.
     """
-    return _Download(
-        url,
-        Path(dest),
-        headers=headers,
-        expected_sha256=expected_sha256,
-        size=size,
-        progress=progress,
-        quiet=quiet,
-        timeout=timeout,
-        retries=retries,
-        backoff=backoff,
-        session=session,
-        label=label,
-        reauth=reauth,
-    ).run()
+    return _Download(url, Path(dest), **options).run()
+
+
+class HTTPSource(ImageSource):
+    """An image source spoken over HTTP: one session, small documents read with a size cap, and
+    the image fetched by the one verified download (published sha256, then the qcow2 check, then
+    the atomic rename)."""
+
+    def __init__(self, cfg: Optional[SourceConfig] = None, session: Optional[requests.Session] = None):
+        super().__init__(cfg)
+        self.session = session or requests.Session()
+
+    def get_document(
+        self,
+        url: str,
+        *,
+        headers: Optional[Mapping[str, str]] = None,
+        credentials: Optional[dict[str, str]] = None,
+        reauth: Optional[Reauth] = None,
+        method: str = "GET",
+    ) -> Document:
+        """A JSON answer, checksum file or token (at most ``http.MAX_DOCUMENT`` bytes)."""
+        return get_document(self.session, url, timeout=self.cfg.timeout, headers=headers,
+                            credentials=credentials, reauth=reauth, method=method)
+
+    def download_url(
+        self,
+        url: str,
+        dest: Path,
+        progress: Optional[Progress],
+        *,
+        credentials: Optional[Mapping[str, str]] = None,
+        size: int = -1,
+        reauth: Optional[Reauth] = None,
+    ) -> DownloadResult:
+        """Download the image at ``url`` into ``dest``, verified against ``expected_sha256``."""
+        return download_file(
+            url,
+            dest,
+            headers=credentials,
+            expected_sha256=self.expected_sha256,
+            size=size,
+            progress=progress,
+            quiet=self.cfg.quiet,
+            timeout=self.cfg.timeout,
+            retries=self.cfg.retries,
+            session=self.session,
+            label=self.cfg.image_name,
+            reauth=reauth,
+            check=self._check_image,
+        )
+
+    def _check_image(self, part: Path) -> None:
+        check_image(part, name=f"{self.kind}: {self.cfg.image_name}")

@@ -14,13 +14,14 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 
 from ..errors import SourceError
 from . import Progress, SourceConfig
-from .download import download_file, origin, redact
+from .download import HTTPSource
+from .http import Document, check_url, origin, redact
 
 API_VERSION = "2022-11-28"
 CHECKSUM_FILES = ("SHA256SUMS", "SHA256SUMS.txt", "sha256sums.txt", "sha256sum.txt", "checksums.txt")
@@ -54,23 +55,18 @@ def parse_checksums(text: str, asset: str) -> str:
     return ""
 
 
-class GitHubSource:
+class GitHubSource(HTTPSource):
     """Downloads ``<image name>`` from the latest release of ``cfg.github_repo``."""
 
-    def __init__(self, cfg: SourceConfig, session: Optional[requests.Session] = None):
-        self.cfg = cfg
-        self.api = cfg.github_api_url.rstrip("/")
-        self.repo = cfg.github_repo.strip().strip("/")
-        self.session = session or requests.Session()
-        self.expected_sha256 = ""
-        self.guest_contract = 0
-        self.unavailable_reason = ""
+    kind = "github"
+
+    def __init__(self, cfg: Optional[SourceConfig] = None, session: Optional[requests.Session] = None):
+        super().__init__(cfg, session)
+        self.api = self.cfg.github_api_url.rstrip("/")
+        self.repo = self.cfg.github_repo.strip().strip("/")
         self._token: Optional[str] = None
         self._release: Optional[dict] = None
         self._asset: Optional[dict] = None
-
-    def name(self) -> str:
-        return "github"
 
     # -- auth --------------------------------------------------------------------------------
     def _env_token(self) -> str:
@@ -125,27 +121,12 @@ class GitHubSource:
         return headers
 
     # -- API ---------------------------------------------------------------------------------
-    def _get(self, url: str, accept: str = "application/vnd.github+json", limit: int = 4 << 20) -> requests.Response:
-        """GET a small document; credentials to the API host only, redirects followed by hand."""
-        api_origin = origin(self.api)
-        current = url
-        for _ in range(10):
-            headers = self._headers(accept) if origin(current) == api_origin else {"Accept": accept}
-            try:
-                resp = self.session.get(current, headers=headers, timeout=self.cfg.timeout, allow_redirects=False)
-            except requests.RequestException as exc:
-                from .download import _reason
+    def _get(self, url: str, accept: str = "application/vnd.github+json") -> Document:
+        """GET a small document; the token goes to the API host only."""
+        credentials = self._headers(accept) if origin(url) == origin(self.api) else {}
+        return self.get_document(url, headers={"Accept": accept}, credentials=credentials)
 
-                raise SourceError(f"cannot reach {redact(current)}: {_reason(exc)}") from None
-            if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                current = urljoin(current, resp.headers["Location"])
-                continue
-            if len(resp.content) > limit:
-                raise SourceError(f"{redact(current)}: answer larger than {limit} bytes")
-            return resp
-        raise SourceError(f"{redact(url)}: too many redirects")
-
-    def _api_error(self, resp: requests.Response, url: str) -> SourceError:
+    def _api_error(self, resp: Document, url: str) -> SourceError:
         status = resp.status_code
         if status == 401:
             return SourceError(f"{url}: HTTP 401 bad credentials; check GH_TOKEN/GITHUB_TOKEN or run 'gh auth login'")
@@ -165,6 +146,7 @@ class GitHubSource:
     def release(self) -> dict:
         """The latest release (fetched once per source object)."""
         if self._release is None:
+            check_url(self.api, "images.github.api_url")
             url = f"{self.api}/repos/{self.repo}/releases/latest"
             resp = self._get(url)
             if resp.status_code != 200:
@@ -200,7 +182,7 @@ class GitHubSource:
             if not sums:
                 continue
             url = sums.get("url") or sums.get("browser_download_url")
-            resp = self._get(url, accept="application/octet-stream", limit=1 << 20)
+            resp = self._get(url, accept="application/octet-stream")
             if resp.status_code != 200:
                 raise SourceError(f"{redact(url)}: cannot read checksums file {candidate}: HTTP {resp.status_code}")
             found = parse_checksums(resp.text, image)
@@ -222,20 +204,9 @@ class GitHubSource:
         if not url:
             raise SourceError(f"asset {asset.get('name')} of {self.repo} has no download URL")
         if origin(url) == origin(self.api):
-            headers = self._headers("application/octet-stream")
+            credentials = self._headers("application/octet-stream")
         else:
-            headers = {"Accept": "application/octet-stream"}  # the token is for the API host only
-        result = download_file(
-            url,
-            dest,
-            headers=headers,
-            expected_sha256=self.expected_sha256,
-            size=int(asset.get("size", -1) or -1) if asset.get("size") else -1,
-            progress=progress,
-            quiet=self.cfg.quiet,
-            timeout=self.cfg.timeout,
-            retries=self.cfg.retries,
-            session=self.session,
-            label=self.cfg.image_name,
-        )
+            credentials = {"Accept": "application/octet-stream"}  # the token is for the API host only
+        result = self.download_url(url, dest, progress, credentials=credentials,
+                                   size=int(asset.get("size") or -1))
         return result.sha256

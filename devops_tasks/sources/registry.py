@@ -14,8 +14,8 @@ The pull is the short OCI distribution protocol spoken with ``requests``:
 Auth: anonymous or with ``CORE_REGISTRY_USER``/``CORE_REGISTRY_PASSWORD``; a ``Bearer`` challenge
 (``WWW-Authenticate: Bearer realm=...,service=...,scope=...``) is answered by fetching a token
 from the realm, a ``Basic`` one with the credentials. Plain http is used for loopback registries
-and for hosts listed in ``CORE_INSECURE_REGISTRIES``; https otherwise. Why not the ``oras`` SDK:
-it cannot resume, does not verify digests and retries for minutes.
+only; https otherwise. Why not the ``oras`` SDK: it cannot resume, does not verify digests and
+retries for minutes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import requests
 from ..errors import SourceError
 from ..paths import go_arch, go_os
 from . import Progress, SourceConfig
-from .download import _reason, download_file, redact
+from .download import HTTPSource
+from .http import Document, is_loopback, origin, redact
 
 USER_ENV = "CORE_REGISTRY_USER"
 PASSWORD_ENV = "CORE_REGISTRY_PASSWORD"
@@ -50,7 +51,6 @@ INDEX_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 _VERSION = re.compile(r"^[vV]?(\d+(?:\.\d+)*)$")
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -118,21 +118,16 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-class RegistrySource:
-    def __init__(self, cfg: SourceConfig, session: Optional[requests.Session] = None):
-        self.cfg = cfg
-        self.session = session or requests.Session()
-        self.expected_sha256 = ""
-        self.guest_contract = 0
-        self.unavailable_reason = ""
+class RegistrySource(HTTPSource):
+    kind = "registry"
+
+    def __init__(self, cfg: Optional[SourceConfig] = None, session: Optional[requests.Session] = None):
+        super().__init__(cfg, session)
         self._ref: Optional[Reference] = None
         self._auth: dict[str, str] = {}
         self._layer: Optional[dict] = None
         self.user = os.environ.get(USER_ENV, "")
         self.password = os.environ.get(PASSWORD_ENV, "")
-
-    def name(self) -> str:
-        return "registry"
 
     @property
     def ref(self) -> Reference:
@@ -149,14 +144,9 @@ class RegistrySource:
         return True
 
     # -- transport ---------------------------------------------------------------------------
-    def _insecure(self, host: str) -> bool:
-        bare = urlsplit(f"//{host}").hostname or host
-        allowed = {h.lower() for h in self.cfg.insecure_registries}
-        return bare in LOOPBACK or host in allowed or bare in allowed
-
     @property
     def base(self) -> str:
-        scheme = "http" if self._insecure(self.ref.host) else "https"
+        scheme = "http" if is_loopback(urlsplit(f"//{self.ref.host}").hostname or "") else "https"
         return f"{scheme}://{self.ref.host}/v2/{self.ref.repo}"
 
     def _basic(self) -> str:
@@ -181,16 +171,12 @@ class RegistrySource:
             raise SourceError(f"registry {where}: invalid token realm {realm!r}")
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope") or f"repository:{self.ref.repo}:pull"
-        headers = {}
-        if self.user and self.password:
-            if realm_parts.scheme != "https" and not self._insecure(realm_parts.netloc):
-                raise SourceError(f"registry {where}: refusing to send credentials to the plain-http realm {realm}")
-            headers["Authorization"] = self._basic()
+        credentials = {"Authorization": self._basic()} if self.user and self.password else {}
         url = realm + ("&" if "?" in realm else "?") + urlencode({k: v for k, v in query.items() if v})
         try:
-            token_resp = self.session.get(url, headers=headers, timeout=self.cfg.timeout)
-        except requests.RequestException as exc:
-            raise SourceError(f"cannot reach the token server {redact(realm)}: {_reason(exc)}") from None
+            token_resp = self.get_document(url, credentials=credentials)
+        except SourceError as exc:
+            raise SourceError(f"registry {where}: token server: {exc}") from None
         if token_resp.status_code in (401, 403):
             hint = f"check {USER_ENV}/{PASSWORD_ENV}" if self.user else f"set {USER_ENV} and {PASSWORD_ENV}"
             raise SourceError(f"token server {redact(realm)} refused access to {where} (HTTP {token_resp.status_code}); {hint}")
@@ -206,24 +192,14 @@ class RegistrySource:
         self._auth = {"Authorization": f"Bearer {token}"}
         return self._auth
 
-    def _get(self, url: str, accept: str = "") -> requests.Response:
-        """GET from the registry, answering one auth challenge; auth goes to the registry host only."""
-        registry = urlsplit(self.base).netloc
-        for attempt in (1, 2):
-            headers = {"Accept": accept} if accept else {}
-            if urlsplit(url).netloc == registry:
-                headers.update(self._auth)
-            try:
-                resp = self.session.get(url, headers=headers, timeout=self.cfg.timeout)
-            except requests.RequestException as exc:
-                raise SourceError(f"cannot reach registry {redact(url)}: {_reason(exc)}") from None
-            if resp.status_code == 401 and attempt == 1:
-                self._authenticate(resp)
-                continue
-            return resp
-        return resp
+    def _get(self, url: str, accept: str = "") -> Document:
+        """GET from the registry, answering one auth challenge; auth goes to the registry only."""
+        if origin(url) != origin(self.base):
+            return self.get_document(url, headers={"Accept": accept} if accept else None)
+        return self.get_document(url, headers={"Accept": accept} if accept else None,
+                                 credentials=dict(self._auth), reauth=self._authenticate)
 
-    def _error(self, resp: requests.Response, what: str) -> SourceError:
+    def _error(self, resp: Document, what: str) -> SourceError:
         where = f"{self.ref.host}/{self.ref.repo}"
         code = ""
         try:
@@ -339,18 +315,12 @@ class RegistrySource:
             self.latest_version()
         layer: dict = self._layer  # type: ignore[assignment]
         size = layer.get("size")
-        result = download_file(
+        result = self.download_url(
             f"{self.base}/blobs/{layer['digest']}",
             dest,
-            headers=dict(self._auth),
-            expected_sha256=self.expected_sha256,
-            size=int(size) if isinstance(size, int) else -1,
-            progress=progress,
-            quiet=self.cfg.quiet,
-            timeout=self.cfg.timeout,
-            retries=self.cfg.retries,
-            session=self.session,
-            label=self.cfg.image_name,
+            progress,
+            credentials=dict(self._auth),
+            size=size if isinstance(size, int) else -1,
             reauth=self._authenticate,
         )
         return result.sha256

@@ -1,5 +1,6 @@
 """Loopback HTTP servers for the download/source tests: a misbehaving file server, a GitHub
-releases API, a real ``docker-registry`` with a push helper, and a registry token server.
+releases API, a real ``docker-registry`` with a push helper, and a registry token server; and the
+qcow2 images they serve (a valid one, or one crafted to reach host files).
 
 Every server binds 127.0.0.1 port 0 and is stopped by the test that started it.
 """
@@ -12,9 +13,11 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from email.utils import formatdate
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +28,36 @@ import requests
 from helpers import free_port
 
 CHUNK = 64 * 1024
+
+
+@lru_cache(maxsize=1)
+def _empty_qcow2() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "empty.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(path), "1M"],
+                       check=True, capture_output=True)
+        return path.read_bytes()
+
+
+def qcow2_image(payload: bytes = b"") -> bytes:
+    """A self-contained qcow2 (1.8 KB of header and tables, which the install check accepts)
+    followed by ``payload``: distinct images of any size for the download tests."""
+    return _empty_qcow2() + payload
+
+
+def crafted_qcow2(folder: Path, *, backing: Optional[Path] = None, data_file: Optional[Path] = None) -> bytes:
+    """A qcow2 whose header names a host file as its backing file or external data file, made
+    with ``qemu-img`` in ``folder`` (``data_file`` must not exist yet: qemu-img creates it)."""
+    path = Path(folder) / "crafted.qcow2"
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-F", "raw", "-b", str(backing)]
+    if data_file is not None:
+        args += ["-o", f"data_file={data_file}"]
+    subprocess.run([*args, str(path), "1M"], check=True, capture_output=True)
+    data = path.read_bytes()
+    path.unlink()
+    return data
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -91,6 +124,31 @@ class FileServer:
 
     def put_json(self, path: str, obj) -> None:
         self.put(path, json.dumps(obj).encode())
+
+    def oversized(self, path: str, size: int, declare_length: bool = False, status: int = 200) -> None:
+        """Answer ``path`` with ``size`` bytes of JSON-looking padding, streamed until the client
+        hangs up, without a Content-Length unless ``declare_length``; ``sent_by[path]`` counts
+        what was written."""
+
+        def handle(h) -> None:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            if declare_length:
+                h.send_header("Content-Length", str(size))
+            else:
+                h.send_header("Connection", "close")
+                h.close_connection = True
+            h.end_headers()
+            if h.command == "HEAD":
+                return
+            written = 0
+            chunk = b"[" + b" " * (CHUNK - 1)
+            while written < size:
+                if not self._write(h, chunk[: size - written], path):
+                    return
+                written += min(CHUNK, size - written)
+
+        self.routes[path] = handle
 
     def etag_of(self, path: str) -> str:
         return '"' + hashlib.sha256(self.files[path]).hexdigest()[:16] + '"'

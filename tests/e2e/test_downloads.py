@@ -1,29 +1,36 @@
 """The resumable, verified download against a misbehaving loopback server, through the CDN source
 and the ImageManager: cuts, ignored ranges, 416, wrong Content-Range, wrong sha256, 404, 500,
-stalls, Ctrl-C -- each a clean recovery or a clear error with the old image and manifest intact."""
+stalls, Ctrl-C -- each a clean recovery or a clear error with the old image and manifest intact.
+And what a hostile server tries: a qcow2 that names a host file, an image without a checksum,
+plain http, an endless manifest.json."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import subprocess
+import sys
 import threading
 
 import pytest
+import yaml
 
 from devops_tasks import paths
 from devops_tasks.config import Config
-from devops_tasks.errors import ChecksumError, SourceError
+from devops_tasks.errors import ChecksumError, ImageError, SourceError
 from devops_tasks.images import ImageManager, UpdateCheckError
 from devops_tasks.manifest import Manifest
 from devops_tasks.sources.download import download_file, part_meta_path, part_path
 
-from servers import FileServer
+from servers import FileServer, crafted_qcow2, qcow2_image
 
 pytestmark = pytest.mark.e2e
 
 NAME = paths.image_name()
 MiB = 1 << 20
+CAP = 4 * MiB  # the size cap on answers that are not the image
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +59,9 @@ def publish(server: FileServer, version: str, data: bytes, sha: str | None = Non
         server.files.pop("/images/manifest.json", None)
 
 
-def manager(server: FileServer) -> ImageManager:
-    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": f"{server.url}/images"}}})
+def manager(server: FileServer, require_checksum: bool = True) -> ImageManager:
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": f"{server.url}/images"},
+                                          "require_checksum": require_checksum}})
     return ImageManager(config, echo=lambda _: None, quiet=True)
 
 
@@ -68,7 +76,7 @@ def installed_state():
 @pytest.fixture
 def v1_installed(server):
     """v1 installed from the server; returns (image bytes, manifest bytes)."""
-    publish(server, "v1", os.urandom(MiB))
+    publish(server, "v1", qcow2_image(os.urandom(MiB)))
     manager(server).install()
     server.sent_by.clear()
     server.log.clear()
@@ -82,8 +90,8 @@ def no_leftovers():
 
 # -- recoveries ---------------------------------------------------------------------------------
 def test_many_cuts_resume_and_resend_only_missing_bytes(server):
-    size = 8 * MiB + 12345
-    data = os.urandom(size)
+    data = qcow2_image(os.urandom(8 * MiB + 12345))
+    size = len(data)
     publish(server, "v1", data)
     rng = random.Random(7)
     server.cuts = sorted(rng.sample(range(1, size), 12))
@@ -102,7 +110,7 @@ def test_many_cuts_resume_and_resend_only_missing_bytes(server):
 
 
 def test_server_ignoring_range_restarts_from_zero(server):
-    data = os.urandom(3 * MiB)
+    data = qcow2_image(os.urandom(3 * MiB))
     publish(server, "v1", data)
     server.cuts = [MiB + 17]
     server.ignore_range = True
@@ -126,7 +134,7 @@ def test_changed_file_invalidates_the_part(server):
 
 
 def test_416_discards_the_part_and_restarts_once(server):
-    data = os.urandom(2 * MiB)
+    data = qcow2_image(os.urandom(2 * MiB))
     publish(server, "v1", data)
     server.cuts = [MiB // 2]
     server.answer_416 = 1
@@ -166,7 +174,7 @@ def test_complete_part_is_verified_without_download(server):
 
 
 def test_ctrl_c_keeps_the_part_for_the_next_try(server):
-    data = os.urandom(4 * MiB)
+    data = qcow2_image(os.urandom(4 * MiB))
     publish(server, "v1", data)
 
     def interrupt(done, total):
@@ -189,7 +197,7 @@ def test_ctrl_c_keeps_the_part_for_the_next_try(server):
 
 def test_stall_past_read_timeout_recovers(server, monkeypatch):
     monkeypatch.setenv("CORE_HTTP_READ_TIMEOUT", "0.5")
-    data = os.urandom(2 * MiB)
+    data = qcow2_image(os.urandom(2 * MiB))
     publish(server, "v1", data)
     server.stall = [MiB, 3.0, 1]
     server.stall_path = f"/images/{NAME}"
@@ -267,17 +275,17 @@ def test_size_mismatch_is_refused(server):
 
 # -- CDN versions and check-update --------------------------------------------------------------
 def test_cdn_manifest_check_update(server):
-    publish(server, "v1", b"one" * 1000)
+    publish(server, "v1", qcow2_image(b"one" * 1000))
     manager(server).install()
     assert manager(server).check_update() == ("v1", "v1", False)
-    publish(server, "v2", b"two" * 1000)
+    publish(server, "v2", qcow2_image(b"two" * 1000))
     assert manager(server).check_update() == ("v1", "v2", True)
     entry = Manifest.load().get(NAME)
     assert entry.version == "v1" and entry.source == "cdn"
 
 
 def test_cdn_manifest_file_entry(server):
-    data = os.urandom(5000)
+    data = qcow2_image(os.urandom(5000))
     server.put("/images/v3/custom.qcow2", data)
     server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v3", "file": "v3/custom.qcow2",
                                                                  "sha256": hashlib.sha256(data).hexdigest()}}})
@@ -286,23 +294,25 @@ def test_cdn_manifest_file_entry(server):
 
 
 def test_cdn_etag_fallback(server):
-    publish(server, "", b"first" * 100, manifest=False)
-    info = manager(server).install()
+    """Without manifest.json (hence without a published sha256: installed only when allowed)."""
+    first = qcow2_image(b"first" * 100)
+    publish(server, "", first, manifest=False)
+    info = manager(server, require_checksum=False).install()
     etag = server.etag_of(f"/images/{NAME}").strip('"')
     assert info.version == etag and info.version != "latest"
-    assert info.sha256 == hashlib.sha256(b"first" * 100).hexdigest()
+    assert info.sha256 == hashlib.sha256(first).hexdigest() and info.verified is False
     assert manager(server).check_update() == (etag, etag, False)
-    publish(server, "", b"second" * 100, manifest=False)
+    publish(server, "", qcow2_image(b"second" * 100), manifest=False)
     current, latest, has_update = manager(server).check_update()
     assert (current, has_update) == (etag, True) and latest == server.etag_of(f"/images/{NAME}").strip('"')
 
 
 def test_cdn_last_modified_fallback(server):
     server.etag = False
-    publish(server, "", b"first" * 100, manifest=False)
-    info = manager(server).install()
+    publish(server, "", qcow2_image(b"first" * 100), manifest=False)
+    info = manager(server, require_checksum=False).install()
     assert info.version.endswith("Z") and info.version[:2] == "20"
-    server.put(f"/images/{NAME}", b"later" * 100)
+    server.put(f"/images/{NAME}", qcow2_image(b"later" * 100))
     server.mtimes[f"/images/{NAME}"] += 3600
     assert manager(server).check_update()[2] is True
 
@@ -315,7 +325,7 @@ def test_cdn_without_any_version_is_an_error(server):
 
 
 def test_check_update_keeps_current_when_cdn_fails(server):
-    publish(server, "v1", b"one")
+    publish(server, "v1", qcow2_image(b"one"))
     manager(server).install()
     server.status["/images/manifest.json"] = 503
     with pytest.raises(UpdateCheckError) as err:
@@ -325,7 +335,7 @@ def test_check_update_keeps_current_when_cdn_fails(server):
 
 def test_one_download_per_image_at_a_time(server):
     """Two concurrent installs: the lock serialises them; both end with the right file."""
-    data = os.urandom(4 * MiB)
+    data = qcow2_image(os.urandom(4 * MiB))
     publish(server, "v1", data)
     errors = []
 
@@ -343,3 +353,99 @@ def test_one_download_per_image_at_a_time(server):
     assert not errors
     assert paths.image_path().read_bytes() == data
     assert no_leftovers()
+
+
+# -- a hostile image server ---------------------------------------------------------------------
+def run_inv(*args: str, images: dict) -> subprocess.CompletedProcess:
+    """``inv ARGS`` as a user runs it from a project of their own (a tasks.py importing the
+    collections), with ``images`` in ~/.core/config.yaml."""
+    project = paths.core_home().parent / "project"
+    project.mkdir(exist_ok=True)
+    (project / "tasks.py").write_text("from devops_tasks.tasks import ns  # noqa: F401\n")
+    paths.config_path().parent.mkdir(parents=True, exist_ok=True)
+    paths.config_path().write_text(yaml.safe_dump({"images": images}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_install_refuses_an_image_whose_backing_file_is_a_host_file(server, tmp_path):
+    """The published sha256 matches: only the header check stands between the image and the
+    host file QEMU would read into the guest."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host-only secret\n")
+    publish(server, "v1", crafted_qcow2(tmp_path, backing=secret))
+    done = run_inv("image.install", "--quiet", images={"source": "cdn", "cdn": {"url": f"{server.url}/images"}})
+    assert done.returncode == 1, done.stdout + done.stderr
+    error = done.stderr.strip().splitlines()
+    assert error == [f"Error: cdn: {NAME} names a backing file '{secret}' (QEMU would read that host file "
+                     "into the guest): refused, nothing was installed"], done.stderr
+    assert image_sent(server) > 0  # it was downloaded and verified, then refused
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+    assert no_leftovers()
+
+
+def test_update_to_an_image_with_a_data_file_keeps_the_old_image(server, v1_installed, tmp_path):
+    data_file = tmp_path / "host-data"
+    crafted = crafted_qcow2(tmp_path, data_file=data_file)
+    data_file.write_text("host-only data\n")
+    publish(server, "v2", crafted)
+    with pytest.raises(ImageError, match=f"names an external data file '{data_file}'.*refused, nothing was installed"):
+        manager(server).update()
+    assert installed_state() == v1_installed
+    assert no_leftovers()
+
+
+def test_an_image_without_a_published_checksum_is_refused(server, v1_installed):
+    publish(server, "v2", qcow2_image(b"two"), manifest=False)
+    with pytest.raises(ImageError, match=rf"^cdn publishes no sha256 for {NAME} \S+: refusing an unverified image"):
+        manager(server).update()
+    server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v2"}}})  # an entry without sha256
+    with pytest.raises(ImageError, match=rf"^cdn publishes no sha256 for {NAME} v2: refusing"):
+        manager(server).update()
+    assert image_sent(server) == 0  # refused before a byte of the image was fetched
+    assert installed_state() == v1_installed
+
+
+def test_opting_out_installs_unverified_and_says_so(server):
+    data = qcow2_image(b"unpublished")
+    server.put(f"/images/{NAME}", data)
+    server.put_json("/images/manifest.json", {"images": {NAME: {"version": "v5"}}})
+    images = {"source": "cdn", "cdn": {"url": f"{server.url}/images"}, "require_checksum": False}
+    done = run_inv("image.install", "--quiet", images=images)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Warning: cdn publishes no sha256 for {NAME} v5; installing it unverified" in done.stdout
+    entry = json.loads(paths.manifest_path().read_text())["images"][NAME]
+    assert entry["verified"] is False and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    listed = run_inv("image.list", images=images)
+    assert "  Verified: no (no published checksum)" in listed.stdout.splitlines(), listed.stdout
+    rows = json.loads(run_inv("image.list", "--json", images=images).stdout)
+    assert [row["verified"] for row in rows] == [False]
+
+
+def test_plain_http_is_refused_off_loopback(server):
+    config = Config.from_dict({"images": {"source": "cdn", "cdn": {"url": "http://192.0.2.10/images"}}})
+    with pytest.raises(SourceError, match=r"http://192.0.2.10/images: plain http is refused for images except on "
+                                          r"loopback \(127.0.0.0/8, ::1, localhost\): use https; fix images.cdn.url"):
+        ImageManager(config, echo=lambda _: None, quiet=True).install()
+    # a loopback server cannot send the client to plain http elsewhere either
+    publish(server, "v1", qcow2_image(b"one"))
+    server.routes["/images/manifest.json"] = lambda h: FileServer._plain(
+        h, 302, b"", {"Location": "http://192.0.2.10/images/manifest.json"})
+    with pytest.raises(SourceError, match="http://192.0.2.10/images/manifest.json: plain http is refused"):
+        manager(server).install()
+    del server.routes["/images/manifest.json"]
+    server.routes[f"/images/{NAME}"] = lambda h: FileServer._plain(
+        h, 302, b"", {"Location": f"http://192.0.2.10/images/{NAME}"})
+    with pytest.raises(SourceError, match=f"http://192.0.2.10/images/{NAME}: plain http is refused"):
+        manager(server).install()
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+
+
+@pytest.mark.parametrize("declare_length", [False, True], ids=["streamed", "declared"])
+def test_an_endless_manifest_json_is_cut_off(server, declare_length):
+    server.oversized("/images/manifest.json", 64 * MiB, declare_length=declare_length)
+    with pytest.raises(SourceError, match=rf"^failed to get latest version: {server.url}/images/manifest.json: "
+                                          r"the answer is larger than 4 MiB; refusing to read it$"):
+        manager(server).install()
+    assert server.sent_by.get("/images/manifest.json", 0) < CAP + 16 * MiB  # it stopped reading

@@ -1,11 +1,15 @@
-"""Pure helpers of the sources: checksum files, validators, registry references and challenges."""
+"""Helpers of the sources: checksum files, validators, URL rules, registry references and
+challenges, and the qcow2 check (with real qemu-img)."""
+
+import subprocess
 
 import pytest
 
-from devops_tasks.errors import SourceError
+from devops_tasks.errors import ImageError, SourceError
 from devops_tasks.sources.cdn import version_from_validator
-from devops_tasks.sources.download import origin, redact
 from devops_tasks.sources.github import parse_checksums
+from devops_tasks.sources.http import check_url, is_loopback, origin, redact
+from devops_tasks.sources.qcow2 import check_image, unsafe_reason
 from devops_tasks.sources.registry import _challenge, highest_version, parse_reference, version_key
 
 HEX_A, HEX_B = "a" * 64, "B" * 64
@@ -57,3 +61,55 @@ def test_bearer_challenge():
     assert scheme == "bearer"
     assert params == {"realm": "https://ghcr.io/token", "service": "ghcr.io", "scope": "repository:a/b:pull"}
     assert _challenge('Basic realm="x"')[0] == "basic"
+
+
+def test_plain_http_only_on_loopback():
+    for host in ("localhost", "127.0.0.1", "127.8.9.10", "::1"):
+        assert is_loopback(host)
+    for host in ("10.0.2.2", "example.com", "localhost.example.com", "0.0.0.0", ""):
+        assert not is_loopback(host)
+    for url in ("https://cdn.example.com/x", "http://127.0.0.1:8080/x", "http://[::1]:5000/v2/",
+                "http://localhost/x"):
+        check_url(url)
+    with pytest.raises(SourceError, match=r"^http://cdn.example.com/images: plain http is refused for images "
+                                          r"except on loopback \(127.0.0.0/8, ::1, localhost\): use https; "
+                                          r"fix images.cdn.url$"):
+        check_url("http://cdn.example.com/images", "images.cdn.url")
+    with pytest.raises(SourceError, match="not an https URL"):
+        check_url("ftp://cdn.example.com/x")
+    with pytest.raises(SourceError, match="not an https URL"):
+        check_url("cdn.example.com/x")
+
+
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def test_check_image_accepts_a_self_contained_qcow2(tmp_path):
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "ok.qcow2"), "1M")
+    check_image(tmp_path / "ok.qcow2")
+
+
+def test_check_image_refuses_backing_and_data_files_and_other_formats(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("host secret\n")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(tmp_path / "backed.qcow2"), "1M")
+    with pytest.raises(ImageError, match=rf"^img names a backing file '{secret}' .*: refused, nothing was installed$"):
+        check_image(tmp_path / "backed.qcow2", name="img")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data'}",
+             str(tmp_path / "data.qcow2"), "1M")
+    with pytest.raises(ImageError, match="names an external data file"):
+        check_image(tmp_path / "data.qcow2")
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "raw.img"), "1M")
+    with pytest.raises(ImageError, match="is not a qcow2 image .format 'raw'"):
+        check_image(tmp_path / "raw.img")
+    assert secret.read_text() == "host secret\n"
+
+
+def test_unsafe_reason_reads_every_field():
+    fine = {"format": "qcow2", "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}
+    assert unsafe_reason(fine) == ""
+    assert "backing file" in unsafe_reason({**fine, "backing-filename": "x"})
+    assert "backing file" in unsafe_reason({**fine, "full-backing-filename": "/etc/shadow"})
+    assert "data file" in unsafe_reason({"format": "qcow2", "format-specific": {"data": {"data-file": "/x"}}})
+    assert "not a qcow2" in unsafe_reason({"format": "vmdk"})

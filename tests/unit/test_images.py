@@ -6,6 +6,9 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -19,7 +22,9 @@ from devops_tasks.config import Config
 from devops_tasks.errors import ChecksumError, ConfigError, ImageError, SourceError
 from devops_tasks.fsutil import file_lock
 from devops_tasks.images import ImageManager, UpdateCheckError
+from devops_tasks.machine.records import VMDir, VMRecord, format_time, now_utc, proc_info
 from devops_tasks.manifest import ImageInfo, Manifest
+from devops_tasks.sources import ImageSource
 
 
 @pytest.fixture(autouse=True)
@@ -31,21 +36,22 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-class FakeSource:
+class FakeSource(ImageSource):
+    """A source that publishes the sha256 of its bytes unless ``published=False``."""
+
     def __init__(self, name, version="v1", data=None, available=True, latest_error=None,
-                 download_error=None, guest_contract=0):
-        self._name = name
+                 download_error=None, guest_contract=0, published=True):
+        super().__init__()
+        self.kind = name
         self.version = version
         self.data = data if data is not None else f"{name}-{version}".encode()
         self._available = available
         self.latest_error = latest_error
         self.download_error = download_error
         self.guest_contract = guest_contract
+        self.published = published
         self.unavailable_reason = "" if available else f"{name} is switched off"
         self.calls = []
-
-    def name(self):
-        return self._name
 
     def available(self):
         self.calls.append("available")
@@ -55,6 +61,7 @@ class FakeSource:
         self.calls.append("latest_version")
         if self.latest_error:
             raise self.latest_error
+        self.expected_sha256 = hashlib.sha256(self.data).hexdigest() if self.published else ""
         return self.version
 
     def download(self, dest, progress=None):
@@ -69,8 +76,35 @@ class FakeSource:
         return hashlib.sha256(self.data).hexdigest()
 
 
-def manager(sources, source="auto", echo=None):
-    config = Config.from_dict({"images": {"source": source}})
+@pytest.fixture
+def running_vm():
+    """``start(name, image)`` records a VM whose process really runs (a sleeping Python with the
+    record's pidfile on its command line, as QEMU has) on ``image`` (default: the installed one).
+    Every process started is killed by its PID afterwards."""
+    procs = []
+
+    def start(name="core-dev", image=None):
+        vm = VMDir(name)
+        vm.ensure()
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(vm.pidfile)])
+        procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not ((info := proc_info(proc.pid)) and str(vm.pidfile) in info.cmdline):
+            assert time.monotonic() < deadline, "the stand-in VM process did not start"
+            time.sleep(0.01)
+        vm.save(VMRecord(id="0123abcd", name=name, image=str(image or paths.image_path()), pid=proc.pid,
+                         process_start=info.start, started_at=format_time(now_utc()), ssh_port=2222,
+                         memory=512, cpus=1, status="running", pidfile=str(vm.pidfile)))
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def manager(sources, source="auto", echo=None, require_checksum=True):
+    config = Config.from_dict({"images": {"source": source, "require_checksum": require_checksum}})
     lines = [] if echo is None else echo
     return ImageManager(config, sources=sources, echo=lines.append)
 
@@ -205,6 +239,56 @@ def test_failed_install_leaves_image_and_manifest_untouched():
     assert paths.manifest_path().read_bytes() == manifest_before
 
 
+def test_an_image_without_a_published_checksum_is_refused():
+    unpublished = FakeSource("cdn", version="v1", published=False)
+    with pytest.raises(ImageError, match=r"^cdn publishes no sha256 for \S+ v1: refusing an unverified image "
+                                         r"\(publish a checksum, or set images.require_checksum: false"):
+        manager([unpublished]).install()
+    assert "download" not in unpublished.calls
+    assert not paths.image_path().exists() and not paths.manifest_path().exists()
+
+
+def test_auto_skips_a_source_without_checksum_to_one_with():
+    gh = FakeSource("github", published=False)
+    info = manager([gh, FakeSource("cdn", version="v2")]).install()
+    assert info.source == "cdn" and info.verified and "download" not in gh.calls
+
+
+def test_opting_out_records_the_image_as_unverified(monkeypatch):
+    from devops_tasks.tasks import image as image_tasks
+
+    lines = []
+    info = manager([FakeSource("cdn", version="v1", published=False)], echo=lines, require_checksum=False).install()
+    assert info.verified is False
+    assert any(line.startswith("Warning: cdn publishes no sha256") for line in lines)
+    entry = read_manifest()["images"][paths.image_name()]
+    assert entry["verified"] is False and len(entry["sha256"]) == 64
+    assert Manifest.load().get(paths.image_name()).verified is False
+    assert manager([]).list()[0]["verified"] is False
+    assert "  Verified: no (no published checksum)" in run_task(monkeypatch, image_tasks.list_, []).splitlines()
+    assert json.loads(run_task(monkeypatch, image_tasks.list_, [], json_=True))[0]["verified"] is False
+
+    manager([FakeSource("cdn", version="v2")]).update()  # a verified update clears the mark
+    assert "verified" not in read_manifest()["images"][paths.image_name()]
+    assert "  Verified: yes" in run_task(monkeypatch, image_tasks.list_, []).splitlines()
+
+
+def test_a_local_build_needs_no_published_checksum():
+    class LocalBuild(FakeSource):
+        local = True
+
+    info = manager([LocalBuild("build", published=False)], source="build").install()
+    assert info.verified and "verified" not in read_manifest()["images"][paths.image_name()]
+
+
+def test_require_checksum_config_values():
+    assert Config().images.require_checksum is True
+    assert Config.from_dict({"images": {"require_checksum": False}}).images.require_checksum is False
+    assert Config.from_dict({"images": {"require_checksum": "off"}}).images.require_checksum is False
+    with pytest.raises(ConfigError, match="images.require_checksum: expected true or false, got 'maybe'"):
+        Config.from_dict({"images": {"require_checksum": "maybe"}})
+
+
 def test_guest_contract_is_copied():
     manager([FakeSource("build", guest_contract=1)]).install()
     assert read_manifest()["images"][paths.image_name()]["guest_contract"] == 1
@@ -282,6 +366,35 @@ def test_update_installs_new_version():
     assert (current, latest, info.version) == ("v1", "v2", "v2")
     assert paths.image_path().read_bytes() == b"cdn-v2"
     assert manager([FakeSource("cdn", version="v2")]).update()[2] is None
+
+
+def test_update_refuses_while_a_vm_runs_on_the_image(running_vm):
+    manager([FakeSource("cdn", version="v1")]).install()
+    before = paths.image_path().read_bytes(), paths.manifest_path().read_bytes()
+    vm = running_vm("core-dev")
+    newer = FakeSource("cdn", version="v2")
+    with pytest.raises(ImageError, match=r"^cannot replace \S+ while VM core-dev is running on it: "
+                                         r"stop it first \(inv vm.stop --name core-dev\), then try again$"):
+        manager([newer]).update()
+    assert "download" not in newer.calls
+    assert (paths.image_path().read_bytes(), paths.manifest_path().read_bytes()) == before
+    with pytest.raises(ImageError, match="while VM core-dev is running on it"):
+        manager([FakeSource("cdn", version="v2")]).install()
+    assert (paths.image_path().read_bytes(), paths.manifest_path().read_bytes()) == before
+    # up to date: nothing to replace, so no refusal
+    assert manager([FakeSource("cdn", version="v1")]).update()[2] is None
+
+    vm.kill()
+    vm.wait()  # the record stays behind, stale: it no longer counts
+    assert manager([FakeSource("cdn", version="v2")]).update()[2].version == "v2"
+
+
+def test_a_vm_on_another_image_does_not_block_the_update(running_vm, tmp_path):
+    manager([FakeSource("cdn", version="v1")]).install()
+    other = tmp_path / "other.qcow2"
+    other.write_bytes(b"other")
+    running_vm("elsewhere", image=other)
+    assert manager([FakeSource("cdn", version="v2")]).update()[2].version == "v2"
 
 
 # -- list and prune -----------------------------------------------------------------------------
@@ -362,7 +475,7 @@ def test_install_task_error_is_one_line(monkeypatch):
     assert err.value.message == "Error: failed to get latest version: down"
 
 
-def test_update_task(monkeypatch):
+def test_update_task(monkeypatch, running_vm):
     from devops_tasks.tasks import image as image_tasks
 
     manager([FakeSource("cdn", version="v1")]).install()
@@ -372,12 +485,13 @@ def test_update_task(monkeypatch):
     assert out.splitlines()[1:4] == ["Current: v1", "Latest: v2", "Update available"]
     assert Manifest.load().get(paths.image_name()).version == "v1"
 
-    monkeypatch.setattr(image_tasks, "_running_vms", lambda: ["core-dev"])
+    vm = running_vm("core-dev")
     with pytest.raises(Exit, match="VM core-dev is running.*stop it first"):
         run_task(monkeypatch, image_tasks.update, [FakeSource("cdn", version="v2")], apply=True)
     assert Manifest.load().get(paths.image_name()).version == "v1"
 
-    monkeypatch.setattr(image_tasks, "_running_vms", lambda: [])
+    vm.kill()
+    vm.wait()
     out = run_task(monkeypatch, image_tasks.update, [FakeSource("cdn", version="v2")], apply=True)
     assert any(line.startswith("Updated in ") for line in out.splitlines())
     assert "recreated fresh on next boot" in out
@@ -411,15 +525,6 @@ def test_go_duration():
     from devops_tasks.tasks.image import go_duration
 
     assert [go_duration(s) for s in (0, 0.4, 42, 90, 3723)] == ["0s", "0s", "42s", "1m30s", "1h2m3s"]
-
-
-def test_running_vms_without_lifecycle(monkeypatch):
-    import sys
-
-    from devops_tasks.tasks import image as image_tasks
-
-    monkeypatch.setitem(sys.modules, "devops_tasks.lifecycle", None)  # import → ImportError
-    assert image_tasks._running_vms() == []
 
 
 def test_auto_says_when_it_falls_back_to_building():
