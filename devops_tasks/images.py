@@ -20,7 +20,8 @@ from .config import VALID_SOURCES, Config
 from .errors import DevopsError, ImageError, SourceError
 from .fsutil import file_lock, is_locked
 from .machine.records import VMDir, all_names, is_alive
-from .manifest import ImageInfo, Manifest, _now
+from .clock import now_utc
+from .manifest import ImageInfo, Manifest
 from .sources import ImageSource, SourceConfig
 
 Echo = Callable[[str], None]
@@ -197,7 +198,7 @@ class ImageManager:
             version=src.downloaded_version or version,
             source=src.name(),
             sha256=sha or "",
-            downloaded=_now(),
+            downloaded=now_utc(),
             guest_contract=src.guest_contract,
             verified=verified,
         )

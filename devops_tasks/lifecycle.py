@@ -29,7 +29,8 @@ from .machine import disk, process
 from .machine.ports import pick_port
 from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_argv, detect_accel,
                            image_arch, qemu_binary)
-from .machine.records import VMDir, VMRecord, all_names, format_time, is_alive, now_utc
+from .clock import format_time, now_utc
+from .machine.records import VMDir, VMRecord, all_names, is_alive
 from .manifest import Manifest
 from .options import BootOptions, DevStatus
 from .signals import stop_as_interrupt

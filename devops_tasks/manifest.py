@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from . import paths
+from .clock import format_time, now_utc, parse_time
 from .errors import ManifestError
 from .fsutil import atomic_write_text
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _format_time(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    text = value.isoformat()
-    return text.replace("+00:00", "Z")
-
-
-def _parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @dataclass
@@ -37,7 +23,7 @@ class ImageInfo:
     version: str
     source: str
     sha256: str = ""
-    downloaded: datetime = field(default_factory=_now)
+    downloaded: datetime = field(default_factory=now_utc)
     guest_contract: int = 0
     verified: bool = True
 
@@ -45,7 +31,7 @@ class ImageInfo:
         data = {"version": self.version}
         if self.sha256:
             data["sha256"] = self.sha256
-        data["downloaded"] = _format_time(self.downloaded)
+        data["downloaded"] = format_time(self.downloaded)
         data["source"] = self.source
         if self.guest_contract:
             data["guest_contract"] = self.guest_contract
@@ -59,7 +45,7 @@ class ImageInfo:
             version=str(data.get("version", "")),
             source=str(data.get("source", "")),
             sha256=str(data.get("sha256", "")),
-            downloaded=_parse_time(data["downloaded"]) if data.get("downloaded") else _now(),
+            downloaded=parse_time(data["downloaded"]) if data.get("downloaded") else now_utc(),
             guest_contract=int(data.get("guest_contract", 0) or 0),
             verified=data.get("verified", True) is not False,
         )

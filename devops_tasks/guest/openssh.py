@@ -28,19 +28,18 @@ from .connection import CONNECT_TIMEOUT, Target, agent_socket
 CONTROL_PERSIST = 600  # seconds an idle OpenSSH master stays up (it dies with the VM anyway)
 
 
-def control_path(target: Target, agent: Optional[str] = None) -> Optional[Path]:
+def control_path(target: Target) -> Optional[Path]:
     """The OpenSSH master socket for this VM, or None when no safe place exists.
 
     A master (``ControlMaster=auto``, ``ControlPersist``) keeps one authenticated connection per VM
     open, so each later ``shell -- CMD`` opens a channel on it instead of a new TCP + key exchange
     (Lima does the same). It dies with the VM, whose QEMU holds the TCP connection's other end.
+    A master never forwards the agent (see :func:`ssh_options`).
     The socket lives in a private folder with a short name (a Unix socket path has ~100 bytes).
-    A master forwards the agent it was started with, so ``agent`` (the socket to forward, or None)
-    is part of the name: with and without an agent are two masters.
     """
     if os.environ.get("CORE_SSH_MULTIPLEX", "1").strip().lower() in ("0", "no", "false", "off"):
         return None
-    key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}|{agent or ''}"
+    key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}"
     name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".sock"
     for base in (os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
         folder = Path(base) / f"devops-tasks-{os.getuid()}" if base else None
@@ -85,7 +84,10 @@ def ssh_options(target: Target, forward_agent: bool = False, multiplex: bool = T
         "-o", "LogLevel=ERROR",
         "-p", str(target.port),
     ]
-    control = control_path(target, agent_socket() if forward_agent else None) if multiplex else None
+    # A connection that forwards the agent is never shared or kept: the guest's root owns the
+    # server end and may open agent channels at any time, so the connection (and with it the
+    # agent) must end with the command that asked for it.
+    control = control_path(target) if multiplex and not forward_agent else None
     if control is not None:
         opts += [
             "-o", "ControlMaster=auto",
@@ -130,11 +132,9 @@ def ssh_argv(
 
 
 def close_master(target: Target) -> None:
-    """Ask this VM's OpenSSH masters (with and without the current agent) to exit."""
-    for agent in {None, agent_socket()}:
-        control = control_path(target, agent)
-        if control is None or not control.exists():
-            continue
+    """Ask this VM's OpenSSH master to exit."""
+    control = control_path(target)
+    if control is not None and control.exists():
         argv = ["ssh", "-F", "/dev/null", "-o", f"ControlPath={control}", "-p", str(target.port),
                 "-O", "exit", f"{target.user}@{target.host}"]
         with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -19,29 +19,18 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 from .. import paths
+from ..clock import now_utc, parse_time
 from ..errors import VMError
 from ..fsutil import atomic_write_text, file_lock
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS: keep a margin.
 MAX_SOCKET_PATH = 100
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def format_time(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @dataclass

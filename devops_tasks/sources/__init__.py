@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import abc
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
-from ..config import DEFAULTS, Config
-from ..errors import ConfigError
+from ..config import DEFAULTS, Config, env_float, env_int
 
 Progress = Callable[[int, int], None]
 
@@ -26,17 +24,6 @@ DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_RETRIES = 20
 
 _IMAGES = DEFAULTS["images"]
-
-
-def _env_number(name: str, default, kind: type, what: str):
-    """``$name`` read as ``kind`` (``default`` when unset or empty); a one-line error otherwise."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"${name}: expected {what}, got {text!r}") from None
 
 
 @dataclass
@@ -75,7 +62,6 @@ class SourceConfig:
         """From the typed config plus the environment overrides
         ``CORE_HTTP_CONNECT_TIMEOUT``, ``CORE_HTTP_READ_TIMEOUT`` and ``CORE_DOWNLOAD_RETRIES``."""
         images = config.images
-        seconds = "a number of seconds"
         return cls(
             github_repo=images.github.repo,
             github_api_url=images.github.api_url,
@@ -83,9 +69,9 @@ class SourceConfig:
             registry_image=images.registry.image,
             image_name=image_name,
             build_recipe=images.build.recipe,
-            connect_timeout=_env_number("CORE_HTTP_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, float, seconds),
-            read_timeout=_env_number("CORE_HTTP_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, float, seconds),
-            retries=_env_number("CORE_DOWNLOAD_RETRIES", DEFAULT_RETRIES, int, "a whole number"),
+            connect_timeout=env_float("CORE_HTTP_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+            read_timeout=env_float("CORE_HTTP_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+            retries=env_int("CORE_DOWNLOAD_RETRIES", DEFAULT_RETRIES),
             quiet=quiet,
         )
 

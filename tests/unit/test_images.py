@@ -22,7 +22,8 @@ from devops_tasks.config import Config
 from devops_tasks.errors import ChecksumError, ConfigError, ImageError, SourceError
 from devops_tasks.fsutil import file_lock
 from devops_tasks.images import ImageManager, UpdateCheckError
-from devops_tasks.machine.records import VMDir, VMRecord, format_time, now_utc, proc_info
+from devops_tasks.clock import format_time, now_utc
+from devops_tasks.machine.records import VMDir, VMRecord, proc_info
 from devops_tasks.manifest import ImageInfo, Manifest
 from devops_tasks.sources import ImageSource
 
