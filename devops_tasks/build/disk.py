@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ImageError
 from .kernel import strip_signature
-from .rootfs import guest_dir
+from .rootfs import image_files_dir
 from .tools import mbr_bin, run
 
 SECTOR = 512
@@ -58,7 +58,7 @@ def initramfs(busybox: Path, modules: list[Path], epoch: int, release: str = "in
     entries.append(("bin/busybox", 0o100755, busybox.read_bytes(), (0, 0)))
     for applet in ("sh",):
         entries.append((f"bin/{applet}", 0o120777, b"busybox", (0, 0)))
-    entries.append(("init", 0o100755, (guest_dir() / "initramfs/init").read_bytes(), (0, 0)))
+    entries.append(("init", 0o100755, (image_files_dir() / "initramfs/init").read_bytes(), (0, 0)))
     names = []
     for module in modules:
         names.append(module.name[:-3].replace("-", "_"))
@@ -90,7 +90,7 @@ def build_raw(inputs: DiskInputs, raw: Path, work: Path) -> None:
     disk_size = inputs.disk_size // MIB * MIB
     root_bytes = disk_size - ROOT_START
     env = {"SOURCE_DATE_EPOCH": str(inputs.epoch), "E2FSPROGS_FAKE_TIME": str(inputs.epoch),
-           "MKE2FS_CONFIG": str(guest_dir() / "mke2fs.conf"), "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
+           "MKE2FS_CONFIG": str(image_files_dir() / "mke2fs.conf"), "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
     with open(raw, "wb") as handle:
         handle.truncate(disk_size)
     run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(raw)], "writing the partition table",
@@ -108,7 +108,7 @@ def build_raw(inputs: DiskInputs, raw: Path, work: Path) -> None:
     boot.mkdir(exist_ok=True)
     (boot / "vmlinuz").write_bytes(inputs.vmlinuz.read_bytes())
     (boot / "initrd.img").write_bytes(inputs.initramfs)
-    cfg = (guest_dir() / "syslinux.cfg").read_text().replace("@CMDLINE@", f"root={ROOT_DEVICE} {inputs.cmdline}")
+    cfg = (image_files_dir() / "syslinux.cfg").read_text().replace("@CMDLINE@", f"root={ROOT_DEVICE} {inputs.cmdline}")
     (boot / "syslinux.cfg").write_text(cfg)
     for item in boot.iterdir():
         os.utime(item, (inputs.epoch, inputs.epoch))

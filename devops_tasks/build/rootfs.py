@@ -17,15 +17,15 @@ from ..errors import ImageError
 from .recipe import Recipe
 from .tools import run
 
-GUEST_PACKAGE = "devops_tasks.build.guest"
+IMAGE_FILES_PACKAGE = "devops_tasks.build.image_files"
 RUNTIME_DIRS = ("proc", "sys", "dev", "run", "tmp", "app", "mnt", "root", "root/.ssh", "var/log", "var/tmp",
                 "etc/devops-tasks")
 DIR_MODES = {"tmp": 0o1777, "var/tmp": 0o1777, "root": 0o700, "root/.ssh": 0o700}
 
 
-def guest_dir() -> Path:
+def image_files_dir() -> Path:
     """The guest files shipped with the package (a real folder: the package is not zipped)."""
-    return Path(str(resources.files(GUEST_PACKAGE)))
+    return Path(str(resources.files(IMAGE_FILES_PACKAGE)))
 
 
 def extract(debs: Iterable[Path], root: Path, jobs: int = 4) -> None:
@@ -116,7 +116,7 @@ def write_file(root: Path, guest_path: str, data: bytes, mode: int) -> None:
 
 def guest_files(root: Path, recipe: Recipe) -> None:
     """The guest contract's files (init, services, accounts), then the recipe's own files."""
-    tree = guest_dir() / "rootfs"
+    tree = image_files_dir() / "rootfs"
     for path in sorted(tree.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             data = path.read_bytes()
