@@ -193,6 +193,7 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
         disk_size=recipe.disk_size,
         epoch=epoch,
         seed=hashlib.sha256(p.version.encode()).hexdigest() + hashlib.sha256(b"2" + p.version.encode()).hexdigest(),
+        owners=dict(rootfs.OWNERS),
     )
     raw = work / "disk.raw"
     disk.build_raw(inputs, raw, work)

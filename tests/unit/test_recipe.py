@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from devops_tasks import paths
-from devops_tasks.build import builder, load_recipe, recipe_names, recipe_path, tools
+from devops_tasks.build import builder, load_recipe, recipe_names, recipe_path, rootfs, tools
 from devops_tasks.build.apt import Package
 from devops_tasks.build.disk import initramfs
 from devops_tasks.build.kernel import KernelTree
@@ -265,6 +265,17 @@ def test_version_hash_covers_exact_package_versions(tmp_path):
     assert builder._version_hash(recipe, [], kernel, [pin]) != builder._version_hash(recipe, [], kernel, [other])
     assert builder._version_hash(recipe, [], kernel, [pin]) != builder._version_hash(recipe, [], kernel)
 
+
+def test_every_image_has_the_agent_user(tmp_path):
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin/bash").write_text("")
+    rootfs.guest_files(root, parse(GOOD + "shell: /bin/bash\n", tmp_path))
+    assert "dev:x:1000:1000:dev:/home/dev:/bin/bash\n" in (root / "etc/passwd").read_text()
+    assert "dev:!:" in (root / "etc/shadow").read_text()  # no password
+    assert (root / "etc/group").read_text().endswith("\nnogroup:x:65534:\ndev:x:1000:\n")
+    assert oct((root / "home/dev").stat().st_mode & 0o7777) == "0o700"
+    assert rootfs.OWNERS == {"/home/dev": (1000, 1000)}
 
 
 def _fake_module(path: Path, depends: str) -> None:
