@@ -184,6 +184,7 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     if needed > recipe.disk_size - disk.ROOT_START:
         raise ImageError(f"{recipe.path}: disk_size {recipe.disk_size >> 20}M is too small for the root file "
                          f"system (about {needed >> 20}M needed)")
+    _check_space(work, 2 * needed, "writing the disk")  # the raw disk's blocks, then the qcow2
     log(f"Writing the disk ({count} files, kernel {tree.release}, {len(modules)} modules)")
     inputs = disk.DiskInputs(
         vmlinuz=tree.vmlinuz,
@@ -270,9 +271,7 @@ def produce(p: Plan, log: Log, force: bool = False) -> tuple[Path, str, bool]:
         images.mkdir(parents=True, exist_ok=True)
         (cache / "work").mkdir(parents=True, exist_ok=True)
         _remove_leftovers(cache)  # of builds killed before their cleanup ran (we hold the lock)
-        # an npm package's files are in the tree, the raw disk and the qcow2 (besides its tarball)
-        npm_bytes = sum(max(pin.unpacked_size, 0) for pin in p.npm)
-        _check_space(cache, WORK_SPACE_NEEDED + 3 * npm_bytes, "building the image")
+        _check_space(cache, WORK_SPACE_NEEDED, "building the image")
         work = Path(tempfile.mkdtemp(prefix="build-", dir=cache / "work"))
         try:
             tmp = images / f".{p.version}.qcow2.tmp"

@@ -42,7 +42,6 @@ class NpmPin:
     version: str
     integrity: str
     tarball: str = field(compare=False)
-    unpacked_size: int = field(default=-1, compare=False)
 
     @property
     def filename(self) -> str:
@@ -133,13 +132,12 @@ class Npm:
         memo = self.dir / (tarball_name(package.name, package.version) + ".json")
         try:
             data = json.loads(memo.read_text())
-            pin = NpmPin(data["name"], data["version"], data["integrity"], data["tarball"], data.get("unpacked_size", -1))
+            pin = NpmPin(data["name"], data["version"], data["integrity"], data["tarball"])
         except (OSError, ValueError, KeyError, TypeError):
             pin = self._lookup(package)
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(memo, json.dumps({"name": pin.name, "version": pin.version, "integrity": pin.integrity,
-                                                "tarball": pin.tarball, "unpacked_size": pin.unpacked_size,
-                                                "registry": self.registry}) + "\n")
+                                                "tarball": pin.tarball, "registry": self.registry}) + "\n")
         if package.integrity and pin.integrity != package.integrity:
             raise ImageError(f"npm package {package.spec}: the registry's integrity {pin.integrity} is not the "
                              f"recipe's {package.integrity}")
@@ -178,9 +176,7 @@ class Npm:
         integrity = _sha512_of(str(dist.get("integrity", "")))
         if not integrity:
             raise ImageError(f"{what}: the registry gives no sha512 integrity for it, so it cannot be checked")
-        size = dist.get("unpackedSize")
-        return NpmPin(package.name, package.version, integrity, dist["tarball"],
-                      size if isinstance(size, int) and size >= 0 else -1)
+        return NpmPin(package.name, package.version, integrity, dist["tarball"])
 
     # -- tarballs ------------------------------------------------------------------------------
     def download(self, pin: NpmPin) -> Path:
