@@ -5,46 +5,15 @@ Public API: :func:`recipe_path`, :func:`load_recipe`, :func:`build_image` (and :
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
 from .builder import GUEST_CONTRACT, BuildResult
-from .recipe import Recipe, load_recipe_file
+from .recipe import Recipe, load_recipe_file, recipe_names, recipe_path
 
 __all__ = ["BuildResult", "GUEST_CONTRACT", "Recipe", "build_image", "load_recipe", "recipe_path", "recipe_names"]
 
 DEFAULT_RECIPE = "minimal"
-
-
-def _recipe_dirs() -> list[Path]:
-    """The repo's ``config/`` (source checkout) first, then the installed ``devops_tasks.recipes``."""
-    dirs = [Path(__file__).resolve().parents[2] / "config"]
-    try:
-        dirs.append(Path(str(resources.files("devops_tasks.recipes"))))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return [d for d in dirs if d.is_dir()]
-
-
-def recipe_names() -> list[str]:
-    return sorted({p.stem for d in _recipe_dirs() for p in d.glob("*.yaml")})
-
-
-def recipe_path(name: str) -> Path:
-    """Where recipe ``name`` lives; a name ending in .yaml/.yml or holding a ``/`` is a file path."""
-    if name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        return path
-    for directory in _recipe_dirs():
-        candidate = directory / f"{name}.yaml"
-        if candidate.is_file():
-            return candidate
-    known = ", ".join(recipe_names()) or "none"
-    raise ConfigError(f"unknown image recipe '{name}' (available: {known}; or give a path to a .yaml file)")
 
 
 def load_recipe(name_or_path: str | Path = DEFAULT_RECIPE) -> Recipe:

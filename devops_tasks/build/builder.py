@@ -1,5 +1,6 @@
-"""From a recipe to a finished qcow2: resolve exact package versions (they make the version), reuse a
-finished image with that version when cached, else unpack, assemble and convert in a private work dir."""
+"""From a recipe to a finished qcow2: resolve exact package versions and npm integrities (they make the
+version), reuse a finished image with that version when cached, else unpack, assemble and convert in a
+private work dir."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from ..fsutil import file_lock, fsync_dir
 from . import disk, rootfs
 from .apt import Apt, Package
 from .kernel import KernelTree
+from .npm import Npm, NpmPin
+from .npm import install as install_npm
 from .recipe import Recipe
 from .tools import disk_full_error, require_tools
 
@@ -43,6 +46,8 @@ class Plan:
     kernel: Package
     version: str
     apt: Apt = field(repr=False)
+    npm: list[NpmPin] = field(default_factory=list)  # in the recipe's order
+    registry: Npm | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class BuildResult:
     cached: bool
     seconds: float
     packages: list[Package] = field(default_factory=list)
+    npm: list[NpmPin] = field(default_factory=list)
 
 
 def build_cache() -> Path:
@@ -70,13 +76,14 @@ def _builder_digest() -> str:
     return digest.hexdigest()
 
 
-def _version_hash(recipe: Recipe, packages: list[Package], kernel: Package) -> str:
+def _version_hash(recipe: Recipe, packages: list[Package], kernel: Package, npm: list[NpmPin] = ()) -> str:
     body = {
         "builder": BUILDER_REVISION,
         "builder_files": _builder_digest(),
         "recipe": recipe.identity(),
         "kernel": kernel.pin(),
         "packages": [p.pin() for p in sorted(packages)],
+        "npm": [p.pin() for p in sorted(npm)],
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -100,8 +107,11 @@ def plan(recipe: Recipe, refresh: bool | None = None, log: Log | None = None) ->
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps({"packages": [[p.name, p.version, p.arch] for p in packages],
                                     "kernel": [kernel.name, kernel.version, kernel.arch]}))
-    digest = _version_hash(recipe, packages, kernel)
-    return Plan(recipe, packages, kernel, f"{recipe.name}-{digest[:16]}", apt)
+    registry = Npm(recipe.npm_registry, build_cache(), log)
+    with _naming(recipe):
+        pins = [registry.resolve(package) for package in recipe.npm]
+    digest = _version_hash(recipe, packages, kernel, pins)
+    return Plan(recipe, packages, kernel, f"{recipe.name}-{digest[:16]}", apt, pins, registry)
 
 
 @contextlib.contextmanager
@@ -148,6 +158,8 @@ def sha256_file(path: Path) -> str:
 def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     recipe = p.recipe
     debs = p.apt.download([*p.packages, p.kernel])
+    with _naming(recipe):
+        tarballs = [p.registry.download(pin) for pin in p.npm] if p.registry else []
     log(f"Unpacking {len(p.packages)} packages and kernel {p.kernel.name}")
     tree = KernelTree(_kernel_tree(debs[p.kernel]))
     with _naming(recipe):
@@ -157,6 +169,9 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     epoch = rootfs.newest_mtime(root)
     rootfs.remove_excluded(root, recipe.exclude)
     rootfs.busybox_links(root)
+    for package, tarball in zip(recipe.npm, tarballs):
+        with _naming(recipe):
+            install_npm(tarball, package, root)
     rootfs.guest_files(root, recipe)
     count = rootfs.normalize(root, epoch)
     if recipe.python_bytecode:
@@ -169,6 +184,7 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     if needed > recipe.disk_size - disk.ROOT_START:
         raise ImageError(f"{recipe.path}: disk_size {recipe.disk_size >> 20}M is too small for the root file "
                          f"system (about {needed >> 20}M needed)")
+    _check_space(work, 2 * needed, "writing the disk")  # the raw disk's blocks, then the qcow2
     log(f"Writing the disk ({count} files, kernel {tree.release}, {len(modules)} modules)")
     inputs = disk.DiskInputs(
         vmlinuz=tree.vmlinuz,
@@ -178,6 +194,7 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
         disk_size=recipe.disk_size,
         epoch=epoch,
         seed=hashlib.sha256(p.version.encode()).hexdigest() + hashlib.sha256(b"2" + p.version.encode()).hexdigest(),
+        owners=dict(rootfs.OWNERS),
     )
     raw = work / "disk.raw"
     disk.build_raw(inputs, raw, work)
@@ -326,4 +343,4 @@ def build(recipe: Recipe, output: Path | None = None, install: bool = True, refr
             manifest.save()
     return BuildResult(path=target if (output is not None or install) else image, version=p.version,
                        sha256=digest, size=image.stat().st_size, cached=cached,
-                       seconds=time.monotonic() - start, packages=[*p.packages, p.kernel])
+                       seconds=time.monotonic() - start, packages=[*p.packages, p.kernel], npm=p.npm)

@@ -8,12 +8,12 @@ import gzip
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ImageError
 from .kernel import strip_signature
-from .rootfs import guest_dir
+from .rootfs import image_files_dir
 from .tools import mbr_bin, run
 
 SECTOR = 512
@@ -33,6 +33,7 @@ class DiskInputs:
     disk_size: int
     epoch: int
     seed: str  # the version hash: UUIDs and volume ids derive from it
+    owners: dict[str, tuple[int, int]] = field(default_factory=dict)  # guest path -> (uid, gid); others root's
 
 
 def _cpio_entry(name: str, mode: int, data: bytes, ino: int, mtime: int, rdev: tuple[int, int] = (0, 0)) -> bytes:
@@ -58,7 +59,7 @@ def initramfs(busybox: Path, modules: list[Path], epoch: int, release: str = "in
     entries.append(("bin/busybox", 0o100755, busybox.read_bytes(), (0, 0)))
     for applet in ("sh",):
         entries.append((f"bin/{applet}", 0o120777, b"busybox", (0, 0)))
-    entries.append(("init", 0o100755, (guest_dir() / "initramfs/init").read_bytes(), (0, 0)))
+    entries.append(("init", 0o100755, (image_files_dir() / "initramfs/init").read_bytes(), (0, 0)))
     names = []
     for module in modules:
         names.append(module.name[:-3].replace("-", "_"))
@@ -90,7 +91,7 @@ def build_raw(inputs: DiskInputs, raw: Path, work: Path) -> None:
     disk_size = inputs.disk_size // MIB * MIB
     root_bytes = disk_size - ROOT_START
     env = {"SOURCE_DATE_EPOCH": str(inputs.epoch), "E2FSPROGS_FAKE_TIME": str(inputs.epoch),
-           "MKE2FS_CONFIG": str(guest_dir() / "mke2fs.conf"), "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
+           "MKE2FS_CONFIG": str(image_files_dir() / "mke2fs.conf"), "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
     with open(raw, "wb") as handle:
         handle.truncate(disk_size)
     run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(raw)], "writing the partition table",
@@ -102,13 +103,13 @@ def build_raw(inputs: DiskInputs, raw: Path, work: Path) -> None:
          "-E", f"offset={ROOT_START},root_owner=0:0,hash_seed={hash_seed},lazy_itable_init=0,lazy_journal_init=0,nodiscard",
          "-d", str(inputs.rootfs), str(raw), str(root_bytes // 1024) + "k"],
         "making the ext4 root file system", env=env, space_dir=raw.parent)
-    _fix_ext4(raw, work, inputs.epoch, env)
+    _fix_ext4(raw, work, inputs.epoch, env, inputs.owners)
 
     boot = work / "boot"
     boot.mkdir(exist_ok=True)
     (boot / "vmlinuz").write_bytes(inputs.vmlinuz.read_bytes())
     (boot / "initrd.img").write_bytes(inputs.initramfs)
-    cfg = (guest_dir() / "syslinux.cfg").read_text().replace("@CMDLINE@", f"root={ROOT_DEVICE} {inputs.cmdline}")
+    cfg = (image_files_dir() / "syslinux.cfg").read_text().replace("@CMDLINE@", f"root={ROOT_DEVICE} {inputs.cmdline}")
     (boot / "syslinux.cfg").write_text(cfg)
     for item in boot.iterdir():
         os.utime(item, (inputs.epoch, inputs.epoch))
@@ -143,16 +144,17 @@ def _used_inodes(fs: str, env: dict) -> list[int]:
     return [ino for ino in range(1, total + 1) if used[ino]]
 
 
-def _fix_ext4(raw: Path, work: Path, epoch: int, env: dict) -> None:
+def _fix_ext4(raw: Path, work: Path, epoch: int, env: dict, owners: dict[str, tuple[int, int]]) -> None:
     """mke2fs -d copies each host file's ctime (the time it was unpacked, never settable from user
     space) and atime (reading the staging tree moves it): reset both to the fixed epoch on every
-    used inode (root and 11+; 1-10 are reserved)."""
+    used inode (root and 11+; 1-10 are reserved). Then give ``owners`` their uid and gid."""
     fs = f"{raw}?offset={ROOT_START}"
     # Without root, dpkg-deb could not give files their owners: make everything root's instead of
     # the builder's (a root build keeps Debian's owners).
     owner = "" if os.geteuid() == 0 else "sif <{ino}> uid 0\nsif <{ino}> gid 0\n"
     commands = "".join(f"sif <{ino}> ctime @{epoch}\nsif <{ino}> atime @{epoch}\n" + owner.format(ino=ino)
                        for ino in _used_inodes(fs, env) if ino == 2 or ino >= 11)
+    commands += "".join(f"sif {path} uid {uid}\nsif {path} gid {gid}\n" for path, (uid, gid) in sorted(owners.items()))
     script = work / "debugfs.cmds"
     script.write_text(commands)
     result = run(["debugfs", "-w", "-f", str(script), fs], "fixing ext4 timestamps", env=env, space_dir=raw.parent)

@@ -1,12 +1,14 @@
 """The image recipe: a small YAML file, validated strictly so a typo is an error, not a silent default.
 
-Every message names the recipe file and the field at fault.
+Every message names the recipe file and the field at fault. A recipe may ``extends:`` another one
+(by name or path): it starts from that recipe, adds to its lists and replaces its other fields.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,6 +27,10 @@ _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.\-]+$")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _SERVICE_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
+_NPM_NAME_RE = re.compile(r"^(@[a-z0-9][a-z0-9._~\-]*/)?[a-z0-9][a-z0-9._~\-]*$")
+# an exact semver: no ranges (^ ~ >= x *), no tags (latest)
+_NPM_VERSION_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.\-]+)?(\+[0-9A-Za-z.\-]+)?$")
+_SRI_SHA512_RE = re.compile(r"^sha512-[A-Za-z0-9+/]{86}==$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -57,6 +63,22 @@ class ExtraFile:
     mode: int = 0o644
 
 
+@dataclass(frozen=True)
+class NpmPackage:
+    """Files from one npm package at an exact version: ``files`` maps a path in the package (``.``
+    for all of it) to where it goes in the guest. ``integrity`` (optional) pins the tarball's
+    sha512 in the recipe too; the registry's must match it."""
+
+    name: str
+    version: str
+    files: tuple[tuple[str, str], ...]
+    integrity: str = ""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
 @dataclass
 class Recipe:
     name: str
@@ -73,6 +95,8 @@ class Recipe:
     description: str = ""
     python_bytecode: bool = True
     apt: AptSource = field(default_factory=AptSource)
+    npm: tuple[NpmPackage, ...] = ()
+    npm_registry: str = ""
 
     def identity(self) -> dict:
         """Everything that shapes the image, in a JSON-able form (hashed into the version)."""
@@ -95,6 +119,7 @@ class Recipe:
                 {"path": f.path, "mode": f.mode, "sha256": hashlib.sha256(f.data).hexdigest()} for f in self.files
             ],
             "exclude": list(self.exclude),
+            "npm": [{"name": n.name, "version": n.version, "files": [list(f) for f in n.files]} for n in self.npm],
             "shell": self.shell,
             "hostname": self.hostname,
             "disk_size": self.disk_size,
@@ -167,18 +192,18 @@ def parse_size(text: Any) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
-_TOP = ("name", "description", "apt", "kernel", "packages", "modules", "services", "files",
-        "exclude", "shell", "hostname", "disk_size", "python_bytecode")
+_TOP = ("name", "extends", "description", "apt", "kernel", "packages", "modules", "services", "files",
+        "npm", "npm_registry", "exclude", "shell", "hostname", "disk_size", "python_bytecode")
 _APT = ("mirror", "security_mirror", "suite", "components", "architecture", "keyring")
 _KERNEL = ("package", "cmdline")
 _FILE = ("path", "content", "source", "mode")
+_NPM = ("name", "version", "files", "integrity")
 
 
-def _apt(source: Path, data: Any) -> AptSource:
+def _apt(source: Path, data: Any, defaults: AptSource) -> AptSource:
     if data is None:
-        return AptSource()
+        return defaults
     f = _Fields(source, data, "apt")
-    defaults = AptSource()
     result = AptSource(
         mirror=f.pop("mirror", defaults.mirror),
         security_mirror=f.pop("security_mirror", defaults.security_mirror),
@@ -193,12 +218,12 @@ def _apt(source: Path, data: Any) -> AptSource:
     return result
 
 
-def _kernel(source: Path, data: Any) -> Kernel:
+def _kernel(source: Path, data: Any, defaults: Kernel | None) -> Kernel:
     if isinstance(data, str):
         data = {"package": data}
     f = _Fields(source, data, "kernel")
-    package = f.pop("package")
-    cmdline = f.pop("cmdline", DEFAULT_CMDLINE)
+    package = f.pop("package", ... if defaults is None else defaults.package)
+    cmdline = f.pop("cmdline", DEFAULT_CMDLINE if defaults is None else defaults.cmdline)
     f.finish(_KERNEL)
     if not _PACKAGE_RE.match(package):
         raise f.error(f"field 'kernel.package': invalid package name {_show(package)}")
@@ -219,6 +244,13 @@ def _mode(f: _Fields, value: Any, where: str) -> int:
     raise f.error(f"field '{where}.mode' must be an octal mode like 0644, got {_show(value)}")
 
 
+def _guest_path(f: _Fields, path: Any, where: str) -> str:
+    pure = PurePosixPath(path) if isinstance(path, str) else None
+    if pure is None or not pure.is_absolute() or ".." in pure.parts or len(pure.parts) < 2:
+        raise f.error(f"field '{where}' must be an absolute file path inside the guest, got {_show(path)}")
+    return str(pure)
+
+
 def _files(source: Path, data: Any) -> tuple[ExtraFile, ...]:
     if data is None:
         return ()
@@ -234,9 +266,7 @@ def _files(source: Path, data: Any) -> tuple[ExtraFile, ...]:
         raw_mode = f.pop("mode", None, kind=(int, str))
         mode = 0o644 if raw_mode is None else _mode(f, raw_mode, where)
         f.finish(_FILE)
-        pure = PurePosixPath(path)
-        if not pure.is_absolute() or ".." in pure.parts or len(pure.parts) < 2:
-            raise f.error(f"field '{where}.path' must be an absolute file path inside the guest, got {_show(path)}")
+        path = _guest_path(f, path, f"{where}.path")
         if (content is None) == (src is None):
             raise f.error(f"{where}: give exactly one of 'content' or 'source'")
         if src is not None:
@@ -247,15 +277,118 @@ def _files(source: Path, data: Any) -> tuple[ExtraFile, ...]:
                 raise f.error(f"field '{where}.source': cannot read {file_path}: {exc.strerror}") from None
         else:
             payload = content.encode("utf-8")
-        if any(other.path == str(pure) for other in result):
-            raise f.error(f"field '{where}.path': '{pure}' listed twice")
-        result.append(ExtraFile(str(pure), payload, mode))
+        if any(other.path == path for other in result):
+            raise f.error(f"field '{where}.path': '{path}' listed twice")
+        result.append(ExtraFile(path, payload, mode))
     return tuple(result)
 
 
-def parse_recipe(text: str, source: Path, default_name: str = "") -> Recipe:
-    """Build a :class:`Recipe` from YAML text; ``source`` is only used in messages and for
-    resolving ``files[].source`` paths."""
+def _npm(source: Path, data: Any) -> tuple[NpmPackage, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(f"{source}: field 'npm' must be a list of {{name, version, files}}")
+    result: list[NpmPackage] = []
+    for index, item in enumerate(data):
+        where = f"npm[{index}]"
+        f = _Fields(source, item, where)
+        name = f.pop("name")
+        version = f.pop("version", kind=(str, int, float))
+        files = f.pop("files", kind=dict)
+        integrity = f.pop("integrity", "")
+        f.finish(_NPM)
+        if len(name) > 214 or not _NPM_NAME_RE.match(name):
+            raise f.error(f"field '{where}.name': invalid npm package name {_show(name)}")
+        if not isinstance(version, str):
+            raise f.error(f"field '{where}.version': write the exact version as a string, e.g. \"1.2.3\", got {_show(version)}")
+        if not _NPM_VERSION_RE.match(version):
+            raise f.error(f"field '{where}.version': {_show(version)} is not an exact version (ranges and tags "
+                          "like ^1.2.3, ~1.2, 1.x, >=1, latest are not allowed): write e.g. 1.2.3")
+        if integrity and not _SRI_SHA512_RE.match(integrity):
+            raise f.error(f"field '{where}.integrity' must be the registry's sha512 integrity "
+                          f"(sha512-<88 base64 characters>), got {_show(integrity)}")
+        if not files:
+            raise f.error(f"field '{where}.files' must map at least one path in the package to a guest path")
+        pairs: list[tuple[str, str]] = []
+        for inner, target in files.items():
+            pure = PurePosixPath(inner) if isinstance(inner, str) else None
+            if pure is None or pure.is_absolute() or ".." in pure.parts or not inner.strip():
+                raise f.error(f"field '{where}.files': {_show(inner)} must be a path inside the package "
+                              "(relative, like bin/tool, or . for all of it)")
+            guest = _guest_path(f, target, f"{where}.files.{inner}")
+            if any(guest == other for _, other in pairs):
+                raise f.error(f"field '{where}.files': '{guest}' is the target of two paths")
+            pairs.append((str(pure), guest))
+        if any(other.name == name for other in result):
+            raise f.error(f"field '{where}.name': '{name}' listed twice")
+        result.append(NpmPackage(name, version, tuple(pairs), integrity))
+    return tuple(result)
+
+
+def _merged(base: tuple, extra: tuple, key=lambda item: item) -> tuple:
+    """``base`` then ``extra``; an item of ``extra`` replaces the base item with the same key."""
+    replaced = {key(item): item for item in extra}
+    kept = tuple(replaced.pop(key(item), item) for item in base)
+    return kept + tuple(item for item in extra if key(item) in replaced)
+
+
+def recipe_dirs() -> list[Path]:
+    """The repo's ``config/`` (source checkout) first, then the installed ``devops_tasks.recipes``."""
+    dirs = [Path(__file__).resolve().parents[2] / "config"]
+    try:
+        dirs.append(Path(str(resources.files("devops_tasks.recipes"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def recipe_names() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.yaml")})
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name
+
+
+def recipe_path(name: str) -> Path:
+    """Where recipe ``name`` lives; a name ending in .yaml/.yml or holding a ``/`` is a file path."""
+    if _is_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found")
+        return path
+    for directory in recipe_dirs():
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(recipe_names()) or "none"
+    raise ConfigError(f"unknown image recipe '{name}' (available: {known}; or give a path to a .yaml file)")
+
+
+def _parent(f: _Fields, value: Any, chain: tuple[Path, ...]) -> "Recipe":
+    """The recipe ``extends`` names: a path relative to this file, or a name looked up beside this
+    file first, then among the built-in recipes."""
+    if not isinstance(value, str) or not value.strip():
+        raise f.error(f"field 'extends' must name a recipe or a .yaml file, got {_show(value)}")
+    if _is_path(value):
+        path = (f.source.parent / Path(value).expanduser()).resolve()
+    else:
+        beside = f.source.parent / f"{value}.yaml"
+        try:
+            path = beside.resolve() if beside.is_file() else recipe_path(value).resolve()
+        except ConfigError as exc:
+            raise f.error(f"field 'extends': {exc}") from None
+    if path in chain:
+        loop = " -> ".join(p.name for p in (*chain, path))
+        raise f.error(f"field 'extends': recipes extend each other in a loop ({loop})")
+    if not path.is_file():
+        raise f.error(f"field 'extends': recipe file {path} not found")
+    return load_recipe_file(path, chain)
+
+
+def parse_recipe(text: str, source: Path, default_name: str = "", chain: tuple[Path, ...] = ()) -> Recipe:
+    """Build a :class:`Recipe` from YAML text; ``source`` is used in messages and for resolving
+    ``files[].source`` and ``extends`` paths."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -263,37 +396,49 @@ def parse_recipe(text: str, source: Path, default_name: str = "") -> Recipe:
     if data is None:
         raise ConfigError(f"{source}: the recipe is empty")
     f = _Fields(source, data, "")
+    base = _parent(f, f.pop("extends"), (*chain, Path(source).resolve())) if "extends" in f.data else None
     name = f.pop("name", default_name or source.stem)
     if not _SERVICE_RE.match(name):
         raise f.error(f"field 'name': invalid recipe name {_show(name)}")
     description = f.pop("description", "")
-    apt = _apt(source, f.pop("apt", None, kind=dict))
-    kernel = _kernel(source, f.pop("kernel", kind=(dict, str)))
-    packages = f.names("packages", _PACKAGE_RE, "package name")
-    if not packages:
+    apt = _apt(source, f.pop("apt", None, kind=dict), base.apt if base else AptSource())
+    kernel = _kernel(source, f.pop("kernel", ... if base is None else None, kind=(dict, str)) or {},
+                     base.kernel if base else None)
+    packages = f.names("packages", _PACKAGE_RE, "package name", ... if base is None else ())
+    if base is None and not packages:
         raise f.error("field 'packages' must list at least one package")
     modules = f.names("modules", _MODULE_RE, "module name", ())
-    services = f.names("services", _SERVICE_RE, "service name", BUILTIN_SERVICES)
+    services = f.names("services", _SERVICE_RE, "service name", base.services if base else BUILTIN_SERVICES)
     files = _files(source, f.pop("files", None, kind=list))
+    npm = _npm(source, f.pop("npm", None, kind=list))
+    npm_registry = f.pop("npm_registry", base.npm_registry if base else "")
+    if npm_registry and not re.match(r"^https?://[^/\s]+", npm_registry):
+        raise f.error(f"field 'npm_registry' must be an http(s) URL, got {_show(npm_registry)}")
     exclude = tuple(f.pop("exclude", [], kind=list))
     for pattern in exclude:
         if not isinstance(pattern, str) or not pattern.startswith("/"):
             raise f.error(f"field 'exclude': patterns must be absolute paths like /usr/share/man/*, got {_show(pattern)}")
-    shell = f.pop("shell", "/bin/sh")
+    shell = f.pop("shell", base.shell if base else "/bin/sh")
     if not shell.startswith("/"):
         raise f.error(f"field 'shell' must be an absolute path, got {_show(shell)}")
-    hostname = f.pop("hostname", "devops")
+    hostname = f.pop("hostname", base.hostname if base else "devops")
     if not _HOSTNAME_RE.match(hostname):
         raise f.error(f"field 'hostname': invalid host name {_show(hostname)}")
-    raw_size = f.pop("disk_size", DEFAULT_DISK_SIZE, kind=(int, str))
+    raw_size = f.pop("disk_size", base.disk_size if base else DEFAULT_DISK_SIZE, kind=(int, str))
     try:
         disk_size = parse_size(raw_size)
     except ValueError:
         raise f.error(f"field 'disk_size' must be a size like 8G or 512M, got {_show(raw_size)}") from None
     if disk_size < MIN_DISK_SIZE:
         raise f.error(f"field 'disk_size' must be at least 256M, got {_show(raw_size)}")
-    python_bytecode = f.pop("python_bytecode", True, kind=bool)
+    python_bytecode = f.pop("python_bytecode", base.python_bytecode if base else True, kind=bool)
     f.finish(_TOP)
+    if base is not None:
+        packages = _merged(base.packages, packages)
+        modules = _merged(base.modules, modules)
+        files = _merged(base.files, files, key=lambda item: item.path)
+        npm = _merged(base.npm, npm, key=lambda item: item.name)
+        exclude = _merged(base.exclude, exclude)
     provided = {PurePosixPath(x.path).name for x in files if str(PurePosixPath(x.path).parent) == SERVICE_DIR}
     for service in services:
         if service not in BUILTIN_SERVICES and service not in provided:
@@ -304,15 +449,15 @@ def parse_recipe(text: str, source: Path, default_name: str = "") -> Recipe:
     return Recipe(
         name=name, path=source, kernel=kernel, packages=packages, modules=modules, services=services,
         files=files, exclude=exclude, shell=shell, hostname=hostname, disk_size=disk_size,
-        description=description, apt=apt, python_bytecode=python_bytecode,
+        description=description, apt=apt, python_bytecode=python_bytecode, npm=npm, npm_registry=npm_registry,
     )
 
 
-def load_recipe_file(path: Path) -> Recipe:
+def load_recipe_file(path: Path, chain: tuple[Path, ...] = ()) -> Recipe:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the recipe: {getattr(exc, 'strerror', None) or exc}") from None
-    return parse_recipe(text, Path(path))
+    return parse_recipe(text, Path(path), chain=chain)

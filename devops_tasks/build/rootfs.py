@@ -1,5 +1,6 @@
 """The root file system as a plain folder: unpacked .debs (no maintainer scripts run), minus excluded
-paths, plus busybox applets, the guest's own files and the recipe's files, every timestamp fixed."""
+paths, plus busybox applets, the guest's own files and accounts and the recipe's files, every
+timestamp fixed."""
 
 from __future__ import annotations
 
@@ -17,15 +18,24 @@ from ..errors import ImageError
 from .recipe import Recipe
 from .tools import run
 
-GUEST_PACKAGE = "devops_tasks.build.guest"
+IMAGE_FILES_PACKAGE = "devops_tasks.build.image_files"
+# The unprivileged account agents run as (root stays the tool's): its home is on the VM disk; it
+# has no password and no way in over SSH (dropbear lets only group root in, whatever keys it
+# writes into its own ~/.ssh); root starts its commands with busybox ``su``.
+AGENT_USER = "dev"
+AGENT_UID = AGENT_GID = 1000
+AGENT_HOME = "/home/dev"
 RUNTIME_DIRS = ("proc", "sys", "dev", "run", "tmp", "app", "mnt", "root", "root/.ssh", "var/log", "var/tmp",
-                "etc/devops-tasks")
-DIR_MODES = {"tmp": 0o1777, "var/tmp": 0o1777, "root": 0o700, "root/.ssh": 0o700}
+                "etc/devops-tasks", "home", AGENT_HOME.lstrip("/"))
+DIR_MODES = {"tmp": 0o1777, "var/tmp": 0o1777, "root": 0o700, "root/.ssh": 0o700, "home": 0o755,
+             AGENT_HOME.lstrip("/"): 0o700}
+# guest path -> (uid, gid) for what is not root's (set in the ext4 image: the builder needs no root)
+OWNERS = {AGENT_HOME: (AGENT_UID, AGENT_GID)}
 
 
-def guest_dir() -> Path:
+def image_files_dir() -> Path:
     """The guest files shipped with the package (a real folder: the package is not zipped)."""
-    return Path(str(resources.files(GUEST_PACKAGE)))
+    return Path(str(resources.files(IMAGE_FILES_PACKAGE)))
 
 
 def extract(debs: Iterable[Path], root: Path, jobs: int = 4) -> None:
@@ -116,7 +126,7 @@ def write_file(root: Path, guest_path: str, data: bytes, mode: int) -> None:
 
 def guest_files(root: Path, recipe: Recipe) -> None:
     """The guest contract's files (init, services, accounts), then the recipe's own files."""
-    tree = guest_dir() / "rootfs"
+    tree = image_files_dir() / "rootfs"
     for path in sorted(tree.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             data = path.read_bytes()
@@ -128,11 +138,16 @@ def guest_files(root: Path, recipe: Recipe) -> None:
     shell = recipe.shell
     passwd = (f"root:x:0:0:root:/root:{shell}\n"
               "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+              f"{AGENT_USER}:x:{AGENT_UID}:{AGENT_GID}:{AGENT_USER}:{AGENT_HOME}:{shell}\n"
               "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
-    # dropbear refuses a root whose password field is "!" (locked); "*" = no password, keys only
-    shadow = "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n"
+    # dropbear refuses a root whose password field is "!" (locked); "*" = no password, keys only.
+    # The agent's is locked: nothing needs it (dropbear's -G root keeps it out of SSH)
+    shadow = (f"root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n{AGENT_USER}:!:19000:0:99999:7:::\n"
+              "nobody:*:19000:0:99999:7:::\n")
     write_file(root, "/etc/passwd", passwd.encode(), 0o644)
     write_file(root, "/etc/shadow", shadow.encode(), 0o600)
+    group = (tree / "etc/group").read_text() + f"{AGENT_USER}:x:{AGENT_GID}:\n"
+    write_file(root, "/etc/group", group.encode(), 0o644)
     write_file(root, "/etc/hostname", f"{recipe.hostname}\n".encode(), 0o644)
     write_file(root, "/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{recipe.hostname}\n"
                "::1\tlocalhost ip6-localhost ip6-loopback\n".encode(), 0o644)

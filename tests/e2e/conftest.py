@@ -1,11 +1,11 @@
 """Shared end-to-end fixtures.
 
-``built_image`` (session scope) builds the ``minimal`` recipe once per test run and returns the
-path of a private copy of the image (a ``Path``; boot it on an overlay, never write it). The .deb
-and image cache is ``$CORE_CACHE_DIR`` when the runner set it, else the stable
-``/var/tmp/devops-tasks-test-cache``, so repeated runs on one machine are warm (a rebuild of an
-unchanged recipe takes about a second). ``CORE_HOME`` and ``CORE_IMAGES_DIR`` point into tmp while
-it builds: the real home is never touched.
+``built_image`` and ``claude_image`` (session scope) build the ``minimal`` and ``claude`` recipes
+once per test run and return the path of a private copy of the image (a ``Path``; boot it on an
+overlay, never write it). The .deb, npm and image cache is ``$CORE_CACHE_DIR`` when the runner set
+it, else the stable ``/var/tmp/devops-tasks-test-cache``, so repeated runs on one machine are warm
+(a rebuild of an unchanged recipe takes about a second). ``CORE_HOME`` and ``CORE_IMAGES_DIR``
+point into tmp while it builds: the real home is never touched.
 """
 
 from __future__ import annotations
@@ -32,19 +32,39 @@ def build_cache_dir() -> str:
     return shared_cache_dir()
 
 
-@pytest.fixture(scope="session")
-def built_image(tmp_path_factory, build_cache_dir) -> Path:
-    """The ``minimal`` image, built once per session (cached across sessions)."""
+def build_recipe_once(recipe: str, tmp_path_factory, cache_dir: str):
+    """Build ``recipe`` into a private copy (the shared cache makes a repeat about a second);
+    -> the :class:`BuildResult`."""
     from devops_tasks.build import build_image
     from devops_tasks.build.tools import missing_tools
 
     missing = missing_tools()
     if missing:
-        pytest.skip(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
-    base = tmp_path_factory.mktemp("built-image")
+        message = f"image build needs host tools: {', '.join(tool for tool, _ in missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    base = tmp_path_factory.mktemp(f"built-{recipe}")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CORE_CACHE_DIR", build_cache_dir)
+        mp.setenv("CORE_CACHE_DIR", cache_dir)
         mp.setenv("CORE_HOME", str(base / "core"))
         mp.setenv("CORE_IMAGES_DIR", str(base / "images"))
-        result = build_image("minimal", output=base / "minimal.qcow2")
-    return result.path
+        return build_image(recipe, output=base / f"{recipe}.qcow2")
+
+
+@pytest.fixture(scope="session")
+def built_image(tmp_path_factory, build_cache_dir) -> Path:
+    """The ``minimal`` image, built once per session (cached across sessions)."""
+    return build_recipe_once("minimal", tmp_path_factory, build_cache_dir).path
+
+
+@pytest.fixture(scope="session")
+def claude_build(tmp_path_factory, build_cache_dir):
+    """The ``claude`` recipe's :class:`BuildResult` (Claude Code from the npm registry: a ~190 MB
+    download the first time), built once per session (cached across sessions)."""
+    return build_recipe_once("claude", tmp_path_factory, build_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def claude_image(claude_build) -> Path:
+    return claude_build.path

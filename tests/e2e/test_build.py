@@ -20,7 +20,7 @@ from devops_tasks.build import build_image, load_recipe
 from devops_tasks.errors import ImageError
 from devops_tasks.manifest import Manifest
 
-from helpers import free_port
+from helpers import free_port, wait_for
 from plainvm import PlainVM
 
 pytestmark = pytest.mark.e2e
@@ -196,6 +196,46 @@ def test_sshfs_slave_mount_forwarding_agent_and_console(vm, tmp_path):
         while b"console-42" not in data and time.monotonic() < deadline:
             data += console.recv(4096)
         assert b"console-42" in data
+
+
+def ssh_as(vm: PlainVM, user: str, *command: str) -> subprocess.CompletedProcess:
+    """``vm.ssh`` logging in as ``user`` instead of root (same key, same strict host key)."""
+    argv = vm.ssh_argv(*command)
+    argv[argv.index("root@127.0.0.1")] = f"{user}@127.0.0.1"
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_agent_user_dev_runs_commands_as_root_starts_them(vm):
+    vm.start()
+    vm.wait_ready()
+    facts = vm.ssh("grep ^dev: /etc/passwd /etc/group; stat -c '%u:%g %a' /home/dev; "
+                   """su -s /bin/sh dev -c 'cd && echo "$(id -u):$(id -g) $HOME" && printf "<%s>" "$@" && """
+                   """touch ~/written && stat -c %u ~/written' -- sh 'a b' '$HOME'""")
+    assert facts.returncode == 0, facts.stderr
+    lines = facts.stdout.splitlines()
+    assert lines[0] == "/etc/passwd:dev:x:1000:1000:dev:/home/dev:/bin/bash"  # the recipe's shell
+    assert lines[1] == "/etc/group:dev:x:1000:"
+    assert lines[2] == "1000:1000 700", "dev's home is its own, on the VM disk"
+    assert lines[3] == "1000:1000 /home/dev"
+    assert lines[4] == "<a b><$HOME>1000"
+
+
+def test_dev_cannot_log_in_over_ssh_even_with_its_own_key(vm):
+    """The agent (as dev) writes the tool's own login key into its ~/.ssh: SSH still refuses dev."""
+    vm.start()
+    vm.wait_ready()
+    plant = vm.ssh("su -s /bin/sh dev -c 'umask 077; mkdir -p ~/.ssh; cat > ~/.ssh/authorized_keys' "
+                   "< /run/devops-tasks/authorized_keys")
+    assert plant.returncode == 0, plant.stderr
+    refused = ssh_as(vm, "dev", "id -u")
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr, refused.stdout + refused.stderr
+    assert vm.ssh("true").returncode == 0, "root still logs in"
+    # the planted key is sound: a dropbear without -G root lets dev in with it
+    restart = vm.ssh("pid=$(cat /run/dropbear.pid); kill $pid; while [ -e /proc/$pid ]; do usleep 10000; done; "
+                     "dropbear -r /run/devops-tasks/dropbear_host_key -p 22 -s -P /run/dropbear.pid")
+    assert restart.returncode == 0, restart.stderr
+    admitted = wait_for(lambda: (r := ssh_as(vm, "dev", "id -u")).returncode == 0 and r, 30, "ssh as dev")
+    assert admitted.stdout.strip() == "1000"
 
 
 def test_power_button_and_persistence(vm):

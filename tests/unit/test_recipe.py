@@ -6,16 +6,18 @@ import errno
 import gzip
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
 
 from devops_tasks import paths
-from devops_tasks.build import builder, load_recipe, recipe_names, recipe_path, tools
+from devops_tasks.build import builder, load_recipe, recipe_names, recipe_path, rootfs, tools
 from devops_tasks.build.apt import Package
 from devops_tasks.build.disk import initramfs
 from devops_tasks.build.kernel import KernelTree
+from devops_tasks.build.npm import NpmPin
 from devops_tasks.build.recipe import parse_recipe, parse_size
 from devops_tasks.errors import ConfigError, ImageError
 from devops_tasks.manifest import ImageInfo, Manifest
@@ -23,6 +25,14 @@ from devops_tasks.manifest import ImageInfo, Manifest
 GOOD = """\
 kernel: linux-image-cloud-amd64
 packages: [busybox-static, dropbear-bin]
+"""
+
+
+NPM = """\
+npm:
+  - name: "@acme/tool-x"
+    version: {version}
+    files: {{claude: /usr/local/bin/claude}}
 """
 
 
@@ -114,6 +124,22 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     (GOOD + "files:\n  - path: /etc/x\n    content: y\n    mode: 99999\n", "octal mode"),
     (GOOD + "files:\n  - path: /etc/x\n    content: y\n    mode: 755\n", "leading 0"),
     (GOOD + "exclude: [usr/share/doc]\n", "absolute paths"),
+    (GOOD + NPM.format(version="'^2.1.0'"), "npm[0].version': '^2.1.0' is not an exact version"),
+    (GOOD + NPM.format(version="latest"), "'latest' is not an exact version"),
+    (GOOD + NPM.format(version="'2.x'"), "'2.x' is not an exact version"),
+    (GOOD + NPM.format(version="'>=2.1.0'"), "is not an exact version"),
+    (GOOD + NPM.format(version="2.1"), "write the exact version as a string"),
+    (GOOD + NPM.format(version="'2.1.333'").replace("tool-x", "Tool X"), "invalid npm package name"),
+    (GOOD + NPM.format(version="'1.0.0'").replace("{claude: /usr/local/bin/claude}", "{}"), "at least one path"),
+    (GOOD + NPM.format(version="'1.0.0'").replace("claude: /usr", "../claude: /usr"), "a path inside the package"),
+    (GOOD + NPM.format(version="'1.0.0'").replace("/usr/local/bin/claude", "usr/bin/claude"), "absolute file path"),
+    (GOOD + NPM.format(version="'1.0.0'") + "    integrity: sha1-abc=\n", "sha512 integrity"),
+    (GOOD + NPM.format(version="'1.0.0'") + "    tag: latest\n", "unknown field 'npm[0].tag'"),
+    (GOOD + NPM.format(version="'1.0.0'") + NPM.format(version="'1.0.1'")[5:], "listed twice"),
+    (GOOD + "npm_registry: registry.example\n", "field 'npm_registry' must be an http(s) URL"),
+    (GOOD + "extends: nope-no-such-recipe\n", "field 'extends': unknown image recipe 'nope-no-such-recipe'"),
+    (GOOD + "extends: [minimal]\n", "field 'extends' must be a string"),
+    (GOOD + "extends: ''\n", "field 'extends' must name a recipe"),
 ])
 def test_bad_recipes_are_one_line_config_errors(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
@@ -154,6 +180,69 @@ def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
+def test_npm_packages_parse(tmp_path):
+    recipe = parse(GOOD + NPM.format(version="'2.1.333-beta.1'").replace(
+        "{claude: /usr/local/bin/claude}", "{claude: /usr/local/bin/claude, .: /opt/tool-x}")
+        + "    integrity: sha512-" + "A" * 86 + "==\n", tmp_path)
+    (package,) = recipe.npm
+    assert (package.name, package.version, package.spec) == ("@acme/tool-x", "2.1.333-beta.1", "@acme/tool-x@2.1.333-beta.1")
+    assert package.files == (("claude", "/usr/local/bin/claude"), (".", "/opt/tool-x"))
+    assert package.integrity.startswith("sha512-AAA")
+    assert recipe.npm_registry == ""
+
+
+# -- extends ----------------------------------------------------------------------------------------
+BASE = """\
+kernel:
+  package: linux-image-cloud-amd64
+  cmdline: console=ttyS0 quiet
+packages: [busybox-static, dropbear-bin]
+modules: [fuse]
+files:
+  - {path: /etc/motd, content: base}
+  - {path: /etc/issue, content: base}
+shell: /bin/bash
+hostname: base
+"""
+
+
+def test_extends_adds_to_lists_and_replaces_the_rest(tmp_path):
+    (tmp_path / "base.yaml").write_text(BASE)
+    child = parse("extends: base\npackages: [git, dropbear-bin]\nmodules: [virtio_net]\nhostname: child\n"
+                  "files:\n  - {path: /etc/motd, content: child}\n" + NPM.format(version="'1.0.0'"), tmp_path)
+    assert child.name == "r"
+    assert child.packages == ("busybox-static", "dropbear-bin", "git")
+    assert child.modules == ("fuse", "virtio_net")
+    assert [(f.path, f.data) for f in child.files] == [("/etc/motd", b"child"), ("/etc/issue", b"base")]
+    assert (child.hostname, child.shell, child.kernel.cmdline) == ("child", "/bin/bash", "console=ttyS0 quiet")
+    assert [p.name for p in child.npm] == ["@acme/tool-x"]
+    kernel_only = parse("extends: ./base.yaml\nkernel: {cmdline: console=ttyS0}\n", tmp_path)
+    assert (kernel_only.kernel.package, kernel_only.kernel.cmdline) == ("linux-image-cloud-amd64", "console=ttyS0")
+
+
+def test_extends_loops_and_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: field 'extends': recipes extend each other in a loop "
+                                          r"\(a\.yaml -> b\.yaml -> a\.yaml\)"):
+        load_recipe(str(tmp_path / "a.yaml"))
+    (tmp_path / "bad.yaml").write_text(BASE + "pakages: []\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown field 'pakages'"):
+        parse("extends: bad\n", tmp_path)
+
+
+def test_claude_recipe_is_minimal_plus_claude_code():
+    minimal, claude = load_recipe("minimal"), load_recipe("claude")
+    assert claude.name == "claude" and "claude" in recipe_names()
+    assert claude.packages == minimal.packages and claude.kernel == minimal.kernel
+    assert claude.modules == minimal.modules and claude.services == minimal.services
+    (package,) = claude.npm
+    assert package.name == "@anthropic-ai/claude-code-linux-x64"
+    assert re.fullmatch(r"2\.1\.\d+", package.version)
+    assert package.integrity.startswith("sha512-")
+    assert ("claude", "/usr/local/bin/claude") in package.files
+
+
 def test_identity_changes_with_what_shapes_the_image(tmp_path):
     a = parse(GOOD, tmp_path)
     b = parse(GOOD.replace("dropbear-bin]", "dropbear-bin, git]"), tmp_path)
@@ -171,6 +260,22 @@ def test_version_hash_covers_exact_package_versions(tmp_path):
     assert one != two
     assert one == builder._version_hash(recipe, [Package("busybox-static", "1:1.35-1", "amd64")], kernel)
     assert Package("a", "1:2.0-1", "amd64").filename == "a_1%3a2.0-1_amd64.deb"
+    pin = NpmPin("@a/b", "1.0.0", "sha512-" + "A" * 86 + "==", "http://x/b.tgz")
+    other = NpmPin("@a/b", "1.0.0", "sha512-" + "B" * 86 + "==", "http://x/b.tgz")
+    assert builder._version_hash(recipe, [], kernel, [pin]) != builder._version_hash(recipe, [], kernel, [other])
+    assert builder._version_hash(recipe, [], kernel, [pin]) != builder._version_hash(recipe, [], kernel)
+
+
+def test_every_image_has_the_agent_user(tmp_path):
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin/bash").write_text("")
+    rootfs.guest_files(root, parse(GOOD + "shell: /bin/bash\n", tmp_path))
+    assert "dev:x:1000:1000:dev:/home/dev:/bin/bash\n" in (root / "etc/passwd").read_text()
+    assert "dev:!:" in (root / "etc/shadow").read_text()  # no password
+    assert (root / "etc/group").read_text().endswith("\nnogroup:x:65534:\ndev:x:1000:\n")
+    assert oct((root / "home/dev").stat().st_mode & 0o7777) == "0o700"
+    assert rootfs.OWNERS == {"/home/dev": (1000, 1000)}
 
 
 def _fake_module(path: Path, depends: str) -> None:
