@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import VMError
 from ..fsutil import atomic_write_text
-from .records import VMDir
+from .records import PRIVATE_UMASK, VMDir
 
 
 def base_identity(image: Path, sha256: str = "") -> dict:
@@ -42,7 +42,7 @@ def prepare(vm: VMDir, image: Path, info=None) -> bool:
         vm.disk.unlink()
         replaced = True
     create_overlay(image, vm.disk)
-    atomic_write_text(vm.base_info, json.dumps(ident, indent=2) + "\n")
+    atomic_write_text(vm.base_info, json.dumps(ident, indent=2) + "\n", 0o600)
     return replaced
 
 
@@ -55,7 +55,7 @@ def create_overlay(image: Path, overlay: Path) -> None:
         tmp.unlink()
     result = subprocess.run(
         [qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.absolute()), str(tmp)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, umask=PRIVATE_UMASK,
     )
     if result.returncode != 0:
         raise VMError(f"cannot create the VM disk {overlay}: {result.stderr.strip()}")

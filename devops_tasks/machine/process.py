@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import VMError
-from .records import is_vm_process, process_start
+from .records import PRIVATE_UMASK, is_vm_process, process_start
 
 POLL = 0.02
 
@@ -46,7 +46,7 @@ def start(argv: list[str], pidfile: Path, stderr_path: Path, timeout: float = 60
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, umask=PRIVATE_UMASK,  # log, pidfile, sockets: 0600
         )
         try:
             code = proc.wait(timeout=timeout)

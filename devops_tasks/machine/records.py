@@ -31,6 +31,7 @@ from ..fsutil import atomic_write_text, file_lock
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS: keep a margin.
 MAX_SOCKET_PATH = 100
+PRIVATE_UMASK = 0o077  # what QEMU and qemu-img create in a VM's folder is the user's alone
 
 
 @dataclass
@@ -109,7 +110,10 @@ class VMDir:
     serial_socket = property(lambda self: self.socket_dir / "serial.sock")
 
     def ensure(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        """The VM's folder, private to this user (0700, its files 0600: the serial log holds root's
+        console session, the overlay the guest's disk). A folder made by an older version is fixed."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private(self.path)
         sockets = self.socket_dir
         if sockets != self.path:  # a shared temp dir: ours alone, or refuse (no symlink games)
             sockets.parent.mkdir(mode=0o700, exist_ok=True)
@@ -131,7 +135,7 @@ class VMDir:
         if not self.path.is_dir():
             yield False
             return
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,13 +157,23 @@ class VMDir:
             raise VMError(f"{self.record}: unreadable VM record ({exc}); run 'inv vm.stop --name {self.name}'") from exc
 
     def save(self, record: VMRecord) -> None:
-        atomic_write_text(self.record, record.to_json())
+        atomic_write_text(self.record, record.to_json(), 0o600)
 
     def clear(self) -> None:
         """Forget the running VM: record, pidfile and sockets (the disk, key and log stay)."""
         for path in (self.record, self.pidfile, self.qmp_socket, self.serial_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def make_private(folder: Path) -> None:
+    """``folder`` 0700 and the files directly in it without group/other bits."""
+    os.chmod(folder, 0o700)
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if mode & 0o077:
+                os.chmod(entry.path, stat.S_IMODE(mode) & 0o700)
 
 
 def all_names(root: Path | None = None) -> list[str]:

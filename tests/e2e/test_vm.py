@@ -162,6 +162,10 @@ def test_boot_status_ssh_stop(core, guest_image):
     assert (result.returncode, result.stdout) == (0, "a b|c|"), result.stderr
     assert known_lines(core.port) == [f"[127.0.0.1]:{core.port} {hostkeys.public_key(VMDir('core-dev').host_key)}"]
     assert "devops-tasks: ssh ready" in inv("vm.logs").stdout
+    folder = VMDir("core-dev").path  # other users see nothing: the log holds root's console session
+    assert folder.stat().st_mode & 0o777 == 0o700
+    loose = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.stat().st_mode & 0o077}
+    assert loose == {}
 
     stopped = inv("vm.stop")
     assert (stopped.returncode, stopped.stdout) == (0, "Stopping dev environment...\nStopped\n")

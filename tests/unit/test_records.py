@@ -323,3 +323,23 @@ def test_stop_when_not_running(isolated_core_home):
 def test_an_explicit_port_out_of_range_is_an_error_not_the_default(port):
     with pytest.raises(VMError, match=rf"invalid SSH port {port} \(use 1-65535\)"):
         pick_port(port, 2222, free=lambda p: True)
+
+
+def test_a_vm_folder_is_private_and_an_old_loose_one_is_fixed(isolated_core_home):
+    vm = VMDir("loose")
+    vm.path.mkdir(parents=True, mode=0o755)
+    os.chmod(vm.path, 0o755)
+    (vm.path / "serial.log").write_text("root console")
+    os.chmod(vm.path / "serial.log", 0o644)
+    vm.ensure()
+    assert vm.path.stat().st_mode & 0o777 == 0o700
+    assert (vm.path / "serial.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_what_qemu_creates_in_the_vm_folder_is_private(tmp_path):
+    from devops_tasks.machine import process
+
+    pidfile, made = tmp_path / "qemu.pid", tmp_path / "serial.log"
+    script = f"echo $$ > {pidfile}; echo hi > {made}"
+    process.start(["sh", "-c", script], pidfile, tmp_path / "stderr")
+    assert made.stat().st_mode & 0o777 == 0o600
