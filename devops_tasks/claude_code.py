@@ -5,16 +5,18 @@ reaches the guest is exactly what was asked for, and the printed ``Auth forwarde
 truth:
 
 * ``ssh``: agent forwarding for this session only (and only when the host has an agent).
-* ``gh``: the host's ``~/.config/gh`` copied to ``/root/.config/gh`` (modes kept), as a tar stream
-  on an SSH channel's stdin; removed before every run (so a copy never outlives the run that asked
-  for it) and after it.
+* ``gh``: the host's ``~/.config/gh`` (symlinked files followed, as dotfile managers make them)
+  copied to the guest's tmpfs, ``GH_CONFIG_DIR`` pointing at it, as a tar stream on an SSH
+  channel's stdin: never on the VM's disk, whose freed blocks a later run could read back.
 * ``anthropic``: ``ANTHROPIC_API_KEY``; ``git``: ``GIT_AUTHOR_*``/``GIT_COMMITTER_*`` from the host's
   ``git config user.name/user.email``. These reach the environment of the claude process only.
 
 Secrets never travel in an argv (the host's ``ssh`` command line and the guest's ``sh -c`` line are
 visible in ``ps``): the values go over an SSH channel's stdin into a mode-600 file on the guest's
-tmpfs (``/run``), which the wrapper sources and deletes before it ``exec``s claude; it is deleted
-again after the run and at the start of the next one. Nothing here prints or logs a value.
+tmpfs (``/run``), which the wrapper sources and deletes before it ``exec``s claude. The whole
+tmpfs folder is removed after the run on every exit path and at the start of the next one, and one
+claude session runs per VM at a time (a lock in the VM's folder), so runs never share or delete
+each other's credentials. Nothing here prints or logs a value.
 
 The session itself is OpenSSH (like ``shell``): a real terminal (``-t``) when stdin and stdout are
 terminals, otherwise a non-interactive run. The project is mounted at ``/app`` over a Fabric
@@ -33,10 +35,11 @@ import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from . import guest
 from .errors import DevopsError, GuestError
+from .fsutil import try_file_lock
 from .lifecycle import VM
 from .options import ClaudeOptions
 from .project import GUEST_APP_DIR, project_root
@@ -48,8 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover
 AUTH_KINDS = ("ssh", "gh", "anthropic", "git")
 LABELS = {"ssh": "SSH agent", "gh": "gh", "anthropic": "anthropic", "git": "git"}
 
-GUEST_GH_DIR = "/root/.config/gh"
 GUEST_SECRETS_DIR = "/run/devops-tasks-claude"  # tmpfs in the guest: never on the VM's disk
+GUEST_GH_DIR = f"{GUEST_SECRETS_DIR}/gh"
 NOT_INSTALLED_STATUS = 42
 MOUNT_CONFINE = "require"  # the project mount's sftp-server must be sandboxed (guest.confine_mode)
 
@@ -64,6 +67,10 @@ GitConfigReader = Callable[[str], str]
 
 class AuthError(DevopsError):
     """Bad ``--auth`` input."""
+
+
+class SessionBusyError(DevopsError):
+    """Another claude session holds the VM."""
 
 
 # --------------------------------------------------------------------------- pure part
@@ -111,7 +118,7 @@ class Credentials:
 
     kinds: list[str] = field(default_factory=list)  # forwarded, AUTH_KINDS order
     env: dict[str, str] = field(default_factory=dict, repr=False)
-    gh_dir: Optional[Path] = None
+    gh_tar: bytes = field(default=b"", repr=False)  # the gh config as a tar stream (empty: none)
     agent: bool = False
     notes: list[str] = field(default_factory=list)  # one per requested kind the host had nothing for
 
@@ -131,16 +138,6 @@ def host_git_config(key: str, cwd: Optional[Path] = None) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def _has_files(folder: Path) -> bool:
-    try:
-        for _, _, files in os.walk(folder):
-            if files:
-                return True
-    except OSError:
-        return False
-    return False
-
-
 def gather_credentials(
     kinds: Sequence[str],
     environ: Mapping[str, str],
@@ -158,8 +155,9 @@ def gather_credentials(
                 creds.notes.append("SSH agent: no agent on this machine (SSH_AUTH_SOCK is not a socket)")
         elif kind == "gh":
             folder = Path(home) / ".config" / "gh"
-            if folder.is_dir() and _has_files(folder):
-                creds.gh_dir = folder
+            data, files = gh_tar(folder) if folder.is_dir() else (b"", 0)
+            if files:
+                creds.gh_tar = data
                 creds.kinds.append(kind)
             else:
                 creds.notes.append(f"gh: no gh config on this machine ({folder})")
@@ -198,36 +196,50 @@ def env_file_text(env: Mapping[str, str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def gh_tar(folder: Path) -> bytes:
-    """``folder`` as a tar stream whose entries are ``gh/...`` owned by root, modes kept.
+def gh_tar(folder: Path) -> tuple[bytes, int]:
+    """``folder`` as a tar stream whose entries are ``gh/...`` owned by root, modes kept; and the
+    number of files in it.
 
-    Regular files and directories only (a symlink could point anywhere on the host).
+    Symlinks are followed (dotfile managers link ``hosts.yml`` into place) and stored as the
+    regular files or folders they point at; a folder reached twice is stored once, and anything
+    that is neither is left out.
     """
     buffer = io.BytesIO()
+    files = 0
+    seen: set[tuple[int, int]] = set()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
 
         def add(path: Path, arcname: str) -> None:
-            info = os.lstat(path)
+            nonlocal files
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:  # a dangling link
+                return
             entry = tarfile.TarInfo(arcname)
             entry.mode = stat.S_IMODE(info.st_mode)
             entry.mtime = int(info.st_mtime)
             entry.uid = entry.gid = 0
             entry.uname = entry.gname = "root"
             if stat.S_ISDIR(info.st_mode):
+                if (info.st_dev, info.st_ino) in seen:
+                    return
+                seen.add((info.st_dev, info.st_ino))
                 entry.type = tarfile.DIRTYPE
                 tar.addfile(entry)
                 for child in sorted(os.listdir(path)):
                     add(path / child, f"{arcname}/{child}")
             elif stat.S_ISREG(info.st_mode):
-                entry.size = info.st_size
                 with open(path, "rb") as handle:
-                    tar.addfile(entry, handle)
+                    data = handle.read()
+                entry.size = len(data)
+                tar.addfile(entry, io.BytesIO(data))
+                files += 1
 
         try:
             add(Path(folder), "gh")
         except OSError as exc:
             raise GuestError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}") from None
-    return buffer.getvalue()
+    return buffer.getvalue(), files
 
 
 def claude_words(model: str = "") -> list[str]:
@@ -237,12 +249,15 @@ def claude_words(model: str = "") -> list[str]:
     return words
 
 
-def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR) -> str:
-    """The guest ``sh`` script: load and delete the env file (when given), cd, exec claude.
+def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR, gh: bool = False) -> str:
+    """The guest ``sh`` script: load and delete the env file (when given), point gh at its copy on
+    tmpfs (``gh``), cd, exec claude.
 
     Holds the file's name, never a value.
     """
     lines = []
+    if gh:
+        lines.append(f"export GH_CONFIG_DIR={shlex.quote(GUEST_GH_DIR)}")
     if env_file:
         f = shlex.quote(env_file)
         lines.append(f"if [ -f {f} ]; then . {f}; rm -f {f}; fi")
@@ -253,17 +268,12 @@ def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR)
 
 def prepare_script() -> str:
     """Guest script before a run: nothing of an earlier run lingers; is claude there?"""
-    return (
-        f"rm -rf {shlex.quote(GUEST_GH_DIR)} {shlex.quote(GUEST_SECRETS_DIR)}\n"
-        f"command -v claude >/dev/null 2>&1 || exit {NOT_INSTALLED_STATUS}\n"
-    )
+    return cleanup_script() + f"command -v claude >/dev/null 2>&1 || exit {NOT_INSTALLED_STATUS}\n"
 
 
-def cleanup_script(env_file: str = "") -> str:
-    parts = [f"rm -rf {shlex.quote(GUEST_GH_DIR)}"]
-    if env_file:
-        parts.append(f"rm -f {shlex.quote(env_file)}")
-    return "; ".join(parts) + "\n"
+def cleanup_script() -> str:
+    """Guest script after a run: every credential of it (all live in one tmpfs folder) is gone."""
+    return f"rm -rf {shlex.quote(GUEST_SECRETS_DIR)}\n"
 
 
 # --------------------------------------------------------------------------- guest part
@@ -309,16 +319,22 @@ def feed(conn: "Connection", command: str, data: bytes, timeout: float = 60.0) -
     return code, errors.decode("utf-8", "replace").strip()
 
 
-def install_gh(conn: "Connection", folder: Path) -> None:
-    command = "umask 077; mkdir -p /root/.config && tar -x -p -f - -C /root/.config"
-    code, errors = feed(conn, command, gh_tar(folder))
+def install_gh(conn: "Connection", data: bytes) -> None:
+    """Unpack the gh tar stream into :data:`GUEST_GH_DIR` (tmpfs)."""
+    secrets_dir = shlex.quote(GUEST_SECRETS_DIR)
+    command = f"umask 077; mkdir -p {secrets_dir} && chmod 700 {secrets_dir} && tar -x -p -f - -C {secrets_dir}"
+    code, errors = feed(conn, command, data)
     if code != 0:
         raise GuestError(f"copying the gh config to {GUEST_GH_DIR} in the VM failed: {errors or f'status {code}'}")
 
 
-def install_env(conn: "Connection", env: Mapping[str, str]) -> str:
-    """Write ``env`` to a fresh mode-600 file on the guest's tmpfs; its path."""
-    path = f"{GUEST_SECRETS_DIR}/{secrets.token_hex(8)}.env"
+def new_env_file() -> str:
+    """A fresh name for the env file on the guest's tmpfs."""
+    return f"{GUEST_SECRETS_DIR}/{secrets.token_hex(8)}.env"
+
+
+def install_env(conn: "Connection", env: Mapping[str, str], path: str) -> None:
+    """Write ``env`` to ``path``, a fresh mode-600 file on the guest's tmpfs."""
     command = (
         f"umask 077; mkdir -p {shlex.quote(GUEST_SECRETS_DIR)} && chmod 700 {shlex.quote(GUEST_SECRETS_DIR)}"
         f" && cat > {shlex.quote(path)}"
@@ -326,7 +342,18 @@ def install_env(conn: "Connection", env: Mapping[str, str]) -> str:
     code, errors = feed(conn, command, env_file_text(env).encode("utf-8"))
     if code != 0:
         raise GuestError(f"passing the credentials to the VM failed: {errors or f'status {code}'}")
-    return path
+
+
+@contextlib.contextmanager
+def one_session(vm: VM) -> Iterator[None]:
+    """One claude session per VM at a time: they would share the guest's credential folder."""
+    vm.dir.ensure()
+    with try_file_lock(vm.dir.path / "claude.lock") as locked:
+        if not locked:
+            raise SessionBusyError(
+                f"a claude session is already running on VM '{vm.name}' (one at a time: wait for it, "
+                "or run this one in another VM with --vm NAME)")
+        yield
 
 
 def claude(
@@ -355,9 +382,8 @@ def claude(
     where = vm.target()
     guest.check_target(where)
     tty = guest.stdin_interactive() if interactive is None else interactive
-    env_file = ""
     try:
-        with stop_as_interrupt(), guest.session(where) as conn:
+        with stop_as_interrupt(), one_session(vm), guest.session(where) as conn:
             try:
                 code, _, _ = guest.capture(conn, prepare_script(), timeout=30)
                 if code == NOT_INSTALLED_STATUS:
@@ -365,19 +391,20 @@ def claude(
                 if code != 0:
                     raise GuestError(f"preparing the VM for claude failed (status {code})")
                 with guest.Mount(conn, root, GUEST_APP_DIR, confine=MOUNT_CONFINE):
-                    if creds.gh_dir is not None:
-                        install_gh(conn, creds.gh_dir)
-                    if creds.env:
-                        env_file = install_env(conn, creds.env)
+                    if creds.gh_tar:
+                        install_gh(conn, creds.gh_tar)
+                    env_file = new_env_file() if creds.env else ""
+                    if env_file:
+                        install_env(conn, creds.env, env_file)
                     vm.echo(creds.summary())
                     for note in creds.notes:
                         vm.echo(f"Not forwarded: {note}")
-                    script = wrapper_script(env_file, opts.model)
+                    script = wrapper_script(env_file, opts.model, gh=bool(creds.gh_tar))
                     argv = guest.ssh_argv(where, ["sh", "-c", script], forward_agent=creds.agent, tty=tty)
                     return run_session(argv)
             finally:
                 with contextlib.suppress(Exception):
-                    guest.capture(conn, cleanup_script(env_file), timeout=15)
+                    guest.capture(conn, cleanup_script(), timeout=15)
     except KeyboardInterrupt:
         vm.echo("Interrupted")
         return INTERRUPTED

@@ -8,8 +8,6 @@ than left to hide a live VM. Writes are atomic and guarded by a per-VM ``flock``
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +24,7 @@ from typing import Iterator
 from .. import paths
 from ..clock import now_utc, parse_time
 from ..errors import VMError
-from ..fsutil import atomic_write_text, file_lock
+from ..fsutil import atomic_write_text, file_lock, try_file_lock
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS: keep a margin.
@@ -135,18 +133,8 @@ class VMDir:
         if not self.path.is_dir():
             yield False
             return
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    yield False
-                    return
-                raise
-            yield True
-        finally:
-            os.close(fd)
+        with try_file_lock(self.lock_path) as locked:
+            yield locked
 
     def load(self) -> VMRecord | None:
         try:

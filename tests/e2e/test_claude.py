@@ -2,7 +2,7 @@
 
 The image is ``recipes/claude-stub.yaml``: the minimal image plus a stand-in ``claude`` that records,
 inside the guest, its arguments, its environment, whether ``ssh-add -l`` reaches an agent and what is
-under ``/root/.config/gh``. The host side is fake but real: a HOME with a gh config, a git config
+under ``$GH_CONFIG_DIR`` (the gh copy, on tmpfs). The host side is fake but real: a HOME with a gh config, a git config
 (``GIT_CONFIG_GLOBAL``), a real ``ssh-agent`` holding a key, and a random ``ANTHROPIC_API_KEY``.
 One VM for the module, stopped first so the first test shows that ``claude`` boots it.
 """
@@ -25,7 +25,7 @@ import pytest
 
 from devops_tasks import guest, paths
 from devops_tasks.devops import DevOps
-from devops_tasks.errors import GuestError
+from devops_tasks.errors import DevopsError, GuestError
 from devops_tasks.manifest import ImageInfo, Manifest
 from devops_tasks.options import ClaudeOptions
 
@@ -40,6 +40,10 @@ RECORD = "/run/claude-stub.txt"
 CREDENTIAL_VARS = {"ANTHROPIC_API_KEY", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
                    "GIT_COMMITTER_EMAIL", "SSH_AUTH_SOCK"}
 GIT_NAME, GIT_EMAIL = "Ada Lovelace-E2E", "ada.e2e@example.com"
+
+
+GH = "/run/devops-tasks-claude/gh"  # the gh copy in the guest: tmpfs
+GH_TOKEN = "gho_e2e_" + secrets.token_hex(12)
 
 
 @dataclass
@@ -153,7 +157,7 @@ def sandbox_env(tmp_path_factory, claude_image):
     images.mkdir()
     gh = home / ".config" / "gh"
     gh.mkdir(parents=True)
-    (gh / "hosts.yml").write_text("github.com:\n    oauth_token: gho_e2e\n    user: ada\n")
+    (gh / "hosts.yml").write_text(f"github.com:\n    oauth_token: {GH_TOKEN}\n    user: ada\n")
     (gh / "hosts.yml").chmod(0o600)
     (gh / "config.yml").write_text("git_protocol: https\n")
     (gh / "config.yml").chmod(0o644)
@@ -222,6 +226,9 @@ def test_boots_a_stopped_vm_and_default_forwards_all_without_secrets_in_ps(sandb
         code, cmdlines = e.guest("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done")
         assert code == 0 and "/usr/local/bin/claude --model claude-e2e-model" in cmdlines, cmdlines
         assert e.secret not in cmdlines
+        # a second session on the same VM is refused while this one runs (they would share credentials)
+        with pytest.raises(DevopsError, match="a claude session is already running on VM 'core-dev'"):
+            e.devops.claude(e.project, ClaudeOptions(no_auth=True))
         (e.project / ".claude-stub-go").touch()
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -240,11 +247,10 @@ def test_boots_a_stopped_vm_and_default_forwards_all_without_secrets_in_ps(sandb
     assert (rec.env["GIT_AUTHOR_NAME"], rec.env["GIT_COMMITTER_NAME"]) == (GIT_NAME, GIT_NAME)
     assert (rec.env["GIT_AUTHOR_EMAIL"], rec.env["GIT_COMMITTER_EMAIL"]) == (GIT_EMAIL, GIT_EMAIL)
     assert rec.agent_rc == 0
-    assert rec.gh == {"/root/.config/gh": "755 0", "/root/.config/gh/config.yml": "644 0",
-                      "/root/.config/gh/hosts.yml": "600 0"}
+    assert rec.gh == {GH: "755 0", f"{GH}/config.yml": "644 0", f"{GH}/hosts.yml": "600 0"}
     # nothing is left behind in the guest after the run
-    code, text = e.guest("ls -A /root/.config/gh /run/devops-tasks-claude 2>&1; true")
-    assert "hosts.yml" not in text and ".env" not in text
+    code, text = e.guest("ls -A /run/devops-tasks-claude 2>&1; true")
+    assert "No such file" in text
 
 
 # --------------------------------------------------------------------------- the matrix (library)
@@ -279,7 +285,7 @@ def test_exactly_the_asked_credentials_arrive(sandbox_env, opts, expected):
     }
     assert rec.agent_rc == (0 if "ssh" in expected else 2)  # 2: ssh-add cannot reach an agent
     if "gh" in expected:
-        assert rec.gh["/root/.config/gh/hosts.yml"] == "600 0"
+        assert rec.gh[f"{GH}/hosts.yml"] == "600 0"
     if "anthropic" in expected:
         assert rec.env["ANTHROPIC_API_KEY"] == e.secret
     if "git" in expected:
@@ -354,14 +360,16 @@ def test_not_installed_is_a_clear_error(sandbox_env):
         assert "Traceback" not in result.stderr and e.secret not in result.stderr + result.stdout
     finally:
         e.guest("mv /usr/local/bin/claude.off /usr/local/bin/claude")
-    code, text = e.guest("ls -A /root/.config/gh 2>&1; true")
+    code, text = e.guest("ls -A /run/devops-tasks-claude 2>&1; true")
     assert "hosts.yml" not in text
 
 
 def test_no_secret_in_logs_or_state(sandbox_env):
-    """The tool's own files (VM log, records, known_hosts) and the VM's disk never hold the key."""
+    """The tool's own files (VM log, records, known_hosts) and the VM's disk never hold the key or
+    the gh token, after the runs above and ``vm.stop``."""
     e = sandbox_env
     assert e.guest("sync")[0] == 0  # what the guest wrote reaches the overlay
+    assert e.devops.stop()  # the gh copies of the earlier runs: on tmpfs, gone with the VM
     for path in e.core_home.rglob("*"):
         if path.is_file() and not path.is_socket():
             try:
@@ -369,3 +377,4 @@ def test_no_secret_in_logs_or_state(sandbox_env):
             except OSError:
                 continue
             assert e.secret.encode() not in data, path
+            assert GH_TOKEN.encode() not in data, path

@@ -106,7 +106,7 @@ def test_gather_everything(agent_sock, host_home):
     creds = claude_code.gather_credentials(claude_code.AUTH_KINDS, environ, host_home, git_reader(FULL_GIT))
     assert creds.kinds == ["ssh", "gh", "anthropic", "git"]
     assert creds.agent is True
-    assert creds.gh_dir == host_home / ".config" / "gh"
+    assert creds.gh_tar and "gh" in creds.kinds
     assert creds.env == {
         "ANTHROPIC_API_KEY": SECRET,
         "GIT_AUTHOR_NAME": "Ada Lovelace",
@@ -122,10 +122,10 @@ def test_gather_everything(agent_sock, host_home):
 def test_gather_only_what_was_asked(agent_sock, host_home):
     environ = {"SSH_AUTH_SOCK": agent_sock, "ANTHROPIC_API_KEY": SECRET}
     creds = claude_code.gather_credentials(["git"], environ, host_home, git_reader(FULL_GIT))
-    assert creds.kinds == ["git"] and not creds.agent and creds.gh_dir is None
+    assert creds.kinds == ["git"] and not creds.agent and creds.gh_tar == b""
     assert set(creds.env) == {"GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"}
     creds = claude_code.gather_credentials([], environ, host_home, git_reader(FULL_GIT))
-    assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_dir is None
+    assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_tar == b""
     assert creds.summary() == "Auth forwarded: (none)"
 
 
@@ -134,7 +134,7 @@ def test_gather_leaves_out_what_the_host_lacks(tmp_path):
     (empty_home / ".config" / "gh").mkdir(parents=True)  # a gh folder without files is no config
     environ = {"SSH_AUTH_SOCK": str(tmp_path / "gone.sock"), "ANTHROPIC_API_KEY": ""}
     creds = claude_code.gather_credentials(claude_code.AUTH_KINDS, environ, empty_home, git_reader({}))
-    assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_dir is None
+    assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_tar == b""
     assert creds.summary() == "Auth forwarded: (none)"
     assert [note.split(":")[0] for note in creds.notes] == ["SSH agent", "gh", "anthropic", "git"]
     assert "ANTHROPIC_API_KEY is not set" in creds.notes[2]
@@ -164,11 +164,15 @@ def test_gh_tar_keeps_modes_and_makes_root_the_owner(host_home, tmp_path):
     gh = host_home / ".config" / "gh"
     (gh / "sub").mkdir(mode=0o700)
     (gh / "sub" / "x").write_text("x")
-    (gh / "link").symlink_to("/etc/passwd")
-    data = claude_code.gh_tar(gh)
+    (gh / "dangling").symlink_to(tmp_path / "missing")
+    (gh / "fifo").mkdir()
+    os.rmdir(gh / "fifo")
+    os.mkfifo(gh / "fifo")
+    data, files = claude_code.gh_tar(gh)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         entries = {m.name: m for m in tar.getmembers()}
-    assert set(entries) == {"gh", "gh/config.yml", "gh/hosts.yml", "gh/sub", "gh/sub/x"}  # no symlink
+    assert set(entries) == {"gh", "gh/config.yml", "gh/hosts.yml", "gh/sub", "gh/sub/x"}  # no fifo, no dangling link
+    assert files == 3
     assert entries["gh/hosts.yml"].mode == 0o600 and entries["gh/config.yml"].mode == 0o644
     assert entries["gh/sub"].mode == 0o700 and entries["gh/sub"].isdir()
     assert all(m.uid == 0 and m.gid == 0 and m.uname == "root" for m in entries.values())
@@ -230,11 +234,38 @@ def test_wrapper_without_env_or_model(tmp_path, fake_claude):
     assert record.read_text().splitlines() == [str(tmp_path), "key:unset", "name:unset"]
 
 
-def test_prepare_and_cleanup_remove_the_gh_copy():
-    assert "rm -rf /root/.config/gh" in claude_code.prepare_script()
+def test_prepare_and_cleanup_remove_every_credential_of_a_run():
+    assert claude_code.GUEST_GH_DIR.startswith(claude_code.GUEST_SECRETS_DIR + "/")
+    assert claude_code.new_env_file().startswith(claude_code.GUEST_SECRETS_DIR + "/")
+    assert "rm -rf /run/devops-tasks-claude" in claude_code.prepare_script()
     assert "command -v claude" in claude_code.prepare_script()
-    assert "rm -rf /root/.config/gh" in claude_code.cleanup_script("")
-    assert "rm -f /run/devops-tasks-claude/x.env" in claude_code.cleanup_script("/run/devops-tasks-claude/x.env")
+    assert claude_code.cleanup_script() == "rm -rf /run/devops-tasks-claude\n"
+
+
+def test_a_symlinked_gh_config_is_followed_and_forwarded(host_home, tmp_path):
+    """Dotfile managers link hosts.yml (or the whole folder) into place: what they point at goes."""
+    dotfiles = tmp_path / "dotfiles"
+    dotfiles.mkdir()
+    gh = host_home / ".config" / "gh"
+    real = dotfiles / "hosts.yml"
+    real.write_text("github.com:\n    oauth_token: gho_linked\n")
+    (gh / "hosts.yml").unlink()
+    (gh / "config.yml").unlink()
+    (gh / "hosts.yml").symlink_to(real)
+    creds = claude_code.gather_credentials(["gh"], {}, host_home, git_reader({}))
+    assert creds.kinds == ["gh"]
+    with tarfile.open(fileobj=io.BytesIO(creds.gh_tar)) as tar:
+        member = tar.getmember("gh/hosts.yml")
+        assert member.isfile() and b"gho_linked" in tar.extractfile(member).read()
+
+
+def test_a_gh_folder_with_nothing_to_copy_is_not_said_to_be_forwarded(host_home, tmp_path):
+    gh = host_home / ".config" / "gh"
+    for child in gh.iterdir():
+        child.unlink()
+    (gh / "hosts.yml").symlink_to(tmp_path / "gone")
+    creds = claude_code.gather_credentials(["gh"], {}, host_home, git_reader({}))
+    assert creds.kinds == [] and creds.notes and "gh" not in creds.summary().split(": ", 1)[1]
 
 
 # --------------------------------------------------------------------------- claude() with a fake guest
@@ -341,7 +372,7 @@ def test_claude_default_forwards_all_without_secrets_in_argv(dev, fake, tmp_path
     assert kinds == ["session", "prepare", "mount", "feed", "feed", "ssh", "unmount", "cleanup", "closed"]
     assert fake.calls[0] == ("session", False)  # the Fabric connection never forwards the agent
     gh_cmd, gh_data = fake.fed[0]
-    assert "tar -x -p" in gh_cmd and "/root/.config" in gh_cmd
+    assert "tar -x -p" in gh_cmd and "-C /run/devops-tasks-claude" in gh_cmd  # tmpfs, never the disk
     env_cmd, env_data = fake.fed[1]
     assert SECRET.encode() in env_data and SECRET not in env_cmd and "umask 077" in env_cmd
     argv = ssh_call(fake)
@@ -351,7 +382,7 @@ def test_claude_default_forwards_all_without_secrets_in_argv(dev, fake, tmp_path
     assert script[:2] == ["sh", "-c"] and "exec claude --model opus" in script[2]
     envfile = env_cmd.rsplit("> ", 1)[1]
     assert envfile.startswith("/run/devops-tasks-claude/") and envfile in script[2]
-    assert envfile in fake.calls[-2][1]  # removed again after the run
+    assert fake.calls[-2][1] == "rm -rf /run/devops-tasks-claude\n"  # the env file and gh copy go after the run
     assert "Auth forwarded: SSH agent, gh, anthropic, git" in dev.lines
     assert all(SECRET not in line for line in dev.lines)
     assert dev.booted == 1  # it was running: no boot
@@ -504,3 +535,29 @@ def test_run_session_ends_ssh_on_sigterm(tmp_path):
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_one_claude_session_per_vm(dev, fake, tmp_path, host_home):
+    from devops_tasks.fsutil import file_lock
+
+    dev.booted = 1
+    dev.dir.ensure()
+    with file_lock(dev.dir.path / "claude.lock"):  # another session holds the VM
+        with pytest.raises(claude_code.SessionBusyError, match="already running on VM 'core-dev'"):
+            run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home)
+    assert [c for c in fake.calls if c[0] in ("session", "feed", "ssh")] == []
+    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home) == 0
+
+
+def test_ctrl_c_while_the_env_file_is_written_still_removes_it(dev, fake, monkeypatch, tmp_path, host_home):
+    """The env file's folder goes on every exit path, even before its name was recorded."""
+    dev.booted = 1
+
+    def interrupted(conn, command, data, timeout=60.0):
+        fake.calls.append(("feed", command))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(claude_code, "feed", interrupted)
+    assert run_claude(dev, tmp_path, ClaudeOptions(auth=["anthropic"]), {"ANTHROPIC_API_KEY": SECRET},
+                      host_home) == 130
+    assert ("cleanup", "rm -rf /run/devops-tasks-claude\n") in fake.calls

@@ -15,8 +15,8 @@ out=/run/claude-stub.txt
     ssh-add -l >/dev/null 2>&1
     echo "agent-rc:$?"
     echo "== gh"
-    if [ -e /root/.config/gh ]; then
-        find /root/.config/gh | sort | while read -r f; do echo "gh:$(stat -c '%a %u' "$f") $f"; done
+    if [ -n "$GH_CONFIG_DIR" ] && [ -e "$GH_CONFIG_DIR" ]; then
+        find "$GH_CONFIG_DIR" | sort | while read -r f; do echo "gh:$(stat -c '%a %u' "$f") $f"; done
     fi
     echo "== env"
     env | sort | sed 's/^/env:/'
