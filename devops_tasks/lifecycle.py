@@ -30,7 +30,7 @@ from .machine.ports import pick_port
 from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_argv, detect_accel,
                            image_arch, qemu_binary)
 from .clock import format_time, now_utc
-from .machine.records import VMDir, VMRecord, all_names, is_alive
+from .machine.records import VMDir, VMRecord, all_names, is_alive, make_private
 from .manifest import Manifest
 from .options import BootOptions, DevStatus
 from .signals import stop_as_interrupt
@@ -155,6 +155,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
+            make_private(vm.path)  # QEMU's -daemonize sets its own umask (027) for the log it opens
         except BaseException:
             _abort(vm, record)
             raise

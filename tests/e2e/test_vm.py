@@ -164,7 +164,8 @@ def test_boot_status_ssh_stop(core, guest_image):
     assert "devops-tasks: ssh ready" in inv("vm.logs").stdout
     folder = VMDir("core-dev").path  # other users see nothing: the log holds root's console session
     assert folder.stat().st_mode & 0o777 == 0o700
-    loose = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.stat().st_mode & 0o077}
+    loose = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()
+             if p.is_file() and p.stat().st_mode & 0o077}
     assert loose == {}
 
     stopped = inv("vm.stop")
