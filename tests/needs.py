@@ -48,3 +48,18 @@ def require_tool(program: str, package: str) -> str:
     """The path of ``program``, else skip/fail the test."""
     need(tool_problem(program, package))
     return shutil.which(program)
+
+
+def bwrap_problem() -> str:
+    """Why bubblewrap cannot build a sandbox here ("" when it can), found by running ``bwrap``
+    itself, never through the product's code (whose own failure must fail its tests)."""
+    import subprocess
+
+    problem = tool_problem("bwrap", "bubblewrap")
+    if problem:
+        return problem
+    probe = subprocess.run(["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"bwrap cannot build a sandbox here: {probe.stderr.strip() or f'status {probe.returncode}'}"
+    return ""
