@@ -41,22 +41,34 @@ def env_exports(env: Optional[Mapping[str, str]]) -> str:
     return "export " + " ".join(parts)
 
 
-# Guest shell functions over the process tree rooted at PID $p: a command started without a pty is
-# not always a process-group leader (dropbear keeps its own group), so the tree is found with ps.
+# Guest shell functions that end the process tree rooted at PID $p. A command started without a
+# pty is not always a process-group leader (dropbear keeps its own group), and dash and busybox
+# read ``kill -TERM -- -PGID`` differently, so the tree is found with ps instead. Signalled one by
+# one, a parent could run on after its child died (``a; echo next``) or fork a child nobody saw,
+# so the tree is first frozen (SIGSTOP, parents first, listed again until nothing new appears),
+# then sent TERM and CONT: every process then handles its TERM before it runs another step.
+# ``me`` (this shell, read from /proc as $$ is the parent's in a subshell) and what it starts are
+# left out: the stdin watchdog is itself in the tree it ends.
 _TREE_FUNCS = (
-    "tree() { for c in $(ps -o pid= -o ppid= 2>/dev/null | awk -v p=\"$1\" '$2 == p {print $1}'); "
-    "do tree \"$c\"; done; echo \"$1\"; }\n"
-    "sig() { kill -\"$1\" -- -\"$p\" 2>/dev/null || kill -\"$1\" $(tree \"$p\") 2>/dev/null; }\n"
-    "alive() { kill -0 \"$p\" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/\"$p\"/status; }\n"
+    "kids() { ps -o pid= -o ppid= 2>/dev/null | awk -v r=\"$p\" -v me=\"$me\" '{ up[$1] = $2 } END {"
+    " for (q in up) { x = q; d = 0; while (x != r && x != me && (x in up) && d < 999) { x = up[x]; d++ }"
+    " if (x == r) print d, q } }' | sort -n | awk '{ print $2 }'; }\n"
+    "freeze() { n=0; while [ $n -lt 50 ]; do new=; for q in $(kids); do case \" $all \" in *\" $q \"*) ;;"
+    " *) new=\"$new $q\";; esac; done; [ -n \"$new\" ] || return 0; kill -STOP $new 2>/dev/null;"
+    " all=\"$all$new\"; n=$((n+1)); done; }\n"
+    "sig() { [ -z \"$all\" ] || kill -\"$1\" $all 2>/dev/null; }\n"
+    "alive() { for q in $all; do kill -0 \"$q\" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/\"$q\"/status"
+    " && return 0; done; return 1; }\n"
 )
 
 
 def _end_tree(grace: float) -> str:
     steps = int(max(1, grace / 0.1))
     return (
-        "sig TERM; i=0\n"
+        "me=; read -r me _ </proc/self/stat 2>/dev/null; all=\n"
+        "freeze; sig TERM; sig CONT; i=0\n"
         f"while alive && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done\n"
-        "alive && sig KILL\n"
+        "alive && { freeze; sig KILL; }\n"
     )
 
 

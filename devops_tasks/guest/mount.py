@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..errors import GuestError
 from .commands import capture
+from .sftp_filter import RefusedRequest, pump_requests
 from .sftp_server import SftpServerCommand, sftp_server_command
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -259,19 +260,12 @@ class Mount:
             with contextlib.suppress(Exception):
                 chan.shutdown_write()
 
-    @staticmethod
-    def _pump_down(proc: subprocess.Popen, chan) -> None:
-        """The guest's sshfs requests → sftp-server."""
+    def _pump_down(self, proc: subprocess.Popen, chan) -> None:
+        """The guest's sshfs requests → sftp-server, set-id bits dropped (:mod:`.sftp_filter`)."""
         try:
-            fd = proc.stdin.fileno()
-            while True:
-                data = chan.recv(1 << 16)
-                if not data:
-                    break
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            pump_requests(chan.recv, proc.stdin.fileno())
+        except RefusedRequest as exc:
+            self._sftp_errors.append(f"refused the guest's request: {exc}")
         except (OSError, EOFError, ValueError):
             pass
         finally:

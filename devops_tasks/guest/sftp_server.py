@@ -122,7 +122,7 @@ def sftp_server_command(
     every host file this user can, and a symlink in the project to a file outside is followed. So
     the server runs in a bubblewrap sandbox whose file system is the project (read-write, at its
     real path, so the guest's ``sshfs :`` path stays the same), /usr and the loader paths
-    read-only, a minimal /dev, and an /etc holding only a one-user passwd and group file; no
+    read-only, a minimal read-only /dev, and an /etc holding only a one-user passwd and group file; no
     network, no other processes, no capabilities (also as root), no environment, its own session.
 
     ``confine`` (see :func:`confine_mode`): without a working ``bwrap`` ``auto`` falls back to the
@@ -200,6 +200,7 @@ def _bwrap_command(bwrap: str, host_dir: Path, server: str, start_dir: str) -> S
         argv += ["--file", "", dest]
         files.append((len(argv) - 2, data))
     argv += ["--dev", "/dev"]  # null, zero, urandom...: "Couldn't open /dev/null" otherwise
+    argv += ["--remount-ro", "/dev"]  # a tmpfs: written to, it would fill this machine's memory
     real_server = os.path.realpath(server)
     if not any(real_server.startswith(prefix + "/") for prefix in bound):
         argv += ["--ro-bind", real_server, real_server]

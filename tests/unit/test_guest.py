@@ -6,6 +6,7 @@ and the forward talks to a local echo server through a fake SSH transport.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shlex
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import guest
 from devops_tasks.errors import GuestError
 
@@ -81,36 +83,118 @@ def test_wrap_command_stops_when_cd_fails(tmp_path):
     assert "ran" not in result.stdout
 
 
-def test_kill_script_ends_the_process_group(tmp_path):
+@pytest.fixture(params=["dash", "bash", "busybox"])
+def guest_shell(request, tmp_path):
+    """(argv of a shell, its environment): ``sh`` on $PATH is that shell too, so the wrapper's
+    ``sh -c`` runs under it. busybox gets busybox's ps, awk, sleep...: the guest's tools."""
+    name = request.param
+    package = {"busybox": "busybox-static"}.get(name, name)
+    program = needs.require_tool(name, package)
+    bin_dir = tmp_path / f"{name}-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to(program)
+    if name == "busybox":
+        for applet in ("ps", "awk", "sort", "sleep", "cat", "rm", "grep", "kill", "touch"):
+            (bin_dir / applet).symlink_to(program)
+        return [program, "sh"], {"PATH": str(bin_dir)}
+    return [program], {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', os.defpath)}"}
+
+
+def _running(marker: str) -> dict[int, str]:
+    """Live processes (of any user) whose command line holds ``marker``: {pid: command line}."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if marker in cmdline and state != "Z":
+                found[int(proc.name)] = cmdline.strip()
+    return found
+
+
+def _started(marker: str) -> bool:
+    """Both ``sleep 6?.MARKER`` of the command run."""
+    return {f"sleep 60.{marker}", f"sleep 61.{marker}"} <= set(_running(marker).values())
+
+
+def _kill_leftovers(marker: str) -> None:
+    for pid in _running(marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+
+
+@pytest.mark.parametrize("leader", [True, False], ids=["group-leader", "not-a-group-leader"])
+def test_kill_script_ends_the_whole_tree_under_each_shell(tmp_path, guest_shell, leader):
+    """``a & b; echo never``, ended at once (while it starts) and once it runs. Signalled one by
+    one, a child started after the tree was listed ran on, and a shell whose child died first ran
+    ``echo never`` (about one run in three); dash and busybox read ``kill -TERM -- -PGID`` as a bad
+    number. In the guest the wrapper is not a process group leader (dropbear keeps its own)."""
+    argv, env = guest_shell
+    for round_ in range(6):
+        pidfile = tmp_path / f"pid{round_}"
+        marker = f"{random.randrange(10**6):06d}"
+        line = guest.wrap_command(f"sleep 60.{marker} & sleep 61.{marker}; echo never", pidfile=str(pidfile))
+        proc = subprocess.Popen([*argv, "-c", line], start_new_session=leader, stdout=subprocess.PIPE, env=env)
+        try:
+            deadline = time.monotonic() + 15
+            while not (pidfile.exists() and pidfile.read_text().strip()
+                       and (round_ % 2 == 0 or _started(marker))):
+                assert time.monotonic() < deadline, "the wrapped command never started"
+                time.sleep(0.005)
+            killer = subprocess.run([*argv, "-c", guest.kill_script(str(pidfile), grace=2)], capture_output=True,
+                                    text=True, env=env, timeout=30)
+            assert (killer.returncode, killer.stderr) == (0, "")
+            try:
+                out, _ = proc.communicate(timeout=10)  # EOF: nothing holds the output any more
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"round {round_}: left running: {_running(marker)}") from None
+            assert b"never" not in out, f"round {round_}: the command ran on"
+            assert _running(marker) == {}, f"round {round_}: left running"
+            assert not pidfile.exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _kill_leftovers(marker)
+
+
+def test_kill_script_gives_a_command_its_grace_then_kills(tmp_path, guest_shell):
+    """A command that ignores TERM gets ``grace`` seconds, then KILL, and so do its children."""
+    argv, env = guest_shell
     pidfile = tmp_path / "pid"
-    line = guest.wrap_command("sleep 60 & sleep 60; echo never", pidfile=str(pidfile))
-    proc = subprocess.Popen(["sh", "-c", line], start_new_session=True, stdout=subprocess.PIPE)
+    marker = f"{random.randrange(10**6):06d}"
+    line = guest.wrap_command(f"trap '' TERM; sleep 60.{marker} & sleep 61.{marker}; echo never",
+                              pidfile=str(pidfile))
+    proc = subprocess.Popen([*argv, "-c", line], stdout=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 15
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            assert time.monotonic() < deadline, "the wrapped command never wrote its pidfile"
+        while not (pidfile.exists() and _started(marker)):
+            assert time.monotonic() < deadline, "the wrapped command never started"
             time.sleep(0.01)
-        assert sh(guest.kill_script(str(pidfile), grace=2)).returncode == 0
-        proc.wait(timeout=10)
-        assert b"never" not in proc.stdout.read()
-        pgid = proc.pid
-        alive = sh(f"kill -0 -- -{pgid} 2>/dev/null && echo alive").stdout
-        assert alive == ""
+        started = time.monotonic()
+        killer = subprocess.run([*argv, "-c", guest.kill_script(str(pidfile), grace=1)], env=env, timeout=30)
+        assert killer.returncode == 0
+        assert 0.9 < time.monotonic() - started < 10
+        proc.communicate(timeout=10)
+        assert _running(marker) == {}
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, 9)
+            proc.kill()
+            proc.wait()
+        _kill_leftovers(marker)
 
 
-@pytest.mark.parametrize("shell", ["sh", "bash"])
-def test_watchdog_ends_the_command_when_the_client_goes_away(tmp_path, shell):
+def test_watchdog_ends_the_command_when_the_client_goes_away(tmp_path, guest_shell):
     """Without a pty nothing is sent on stdin: its EOF means the SSH client is gone."""
-    if shutil.which(shell) is None:
-        pytest.skip(f"no {shell}")
+    argv, env = guest_shell
     marker = tmp_path / "started"
     # durations unique to this run: other processes on the machine may be sleeping 60 s too
     first, second = (f"{n}.{random.randrange(10**6):06d}" for n in (60, 61))
     line = guest.wrap_command(f"sleep {first} & touch {shlex.quote(str(marker))}; sleep {second}", watchdog=True)
-    proc = subprocess.Popen([shell, "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([*argv, "-c", line], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 10
         while not marker.exists():
@@ -125,17 +209,16 @@ def test_watchdog_ends_the_command_when_the_client_goes_away(tmp_path, shell):
             proc.kill()
 
 
-@pytest.mark.parametrize("shell", ["sh", "bash"])
-def test_watchdog_leaves_the_status_and_no_process_behind(tmp_path, shell):
+def test_watchdog_leaves_the_status_and_no_process_behind(tmp_path, guest_shell):
     """The watchdog is ended quietly: bash reports a background job killed by a signal
     ("line 13: 162 Killed ( trap '' TERM; ... )") unless it is reaped with its stderr closed."""
-    if shutil.which(shell) is None:
-        pytest.skip(f"no {shell}")
+    argv, env = guest_shell
     line = guest.wrap_command("echo out; echo err >&2; exit 4", cwd=str(tmp_path), env={"A": "1"},
                               pidfile=str(tmp_path / "pid"), watchdog=True)
     client = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)  # stdin stays open: the client is there
     try:
-        proc = subprocess.run([shell, "-c", line], stdin=client.stdout, capture_output=True, text=True, timeout=10)
+        proc = subprocess.run([*argv, "-c", line], stdin=client.stdout, capture_output=True, text=True, timeout=10,
+                              env=env)
     finally:
         client.kill()
         client.wait()

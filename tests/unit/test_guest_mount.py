@@ -2,7 +2,8 @@
 runs on this machine through a fake SSH channel, so the whole reverse-SSHFS logic (sftp-server ↔
 ``sshfs -o slave``, reuse, refusal, stale cleanup, errors) is checked without a VM.
 
-Needs the host's sftp-server; the real mounts also need sshfs, /dev/fuse and root (skipped otherwise).
+Needs the host's sftp-server; the real mounts also need sshfs, /dev/fuse and root (skipped otherwise,
+failed under CI=true: see tests/needs.py).
 The same behaviour is checked against the real guest in tests/e2e/test_workspace.py.
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import guest
 from devops_tasks.errors import GuestError
 
@@ -24,10 +27,11 @@ try:
 except GuestError:
     SFTP = None
 
-needs_sftp = pytest.mark.skipif(SFTP is None, reason="no sftp-server on this machine (openssh-sftp-server)")
-needs_fuse = pytest.mark.skipif(
-    SFTP is None or shutil.which("sshfs") is None or not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-    reason="local mounts need sftp-server, sshfs, /dev/fuse and root",
+SFTP_PROBLEM = "" if SFTP else "no sftp-server on this machine (apt-get install openssh-sftp-server)"
+needs_sftp = needs.mark(SFTP_PROBLEM)
+needs_fuse = needs.mark(
+    SFTP_PROBLEM or needs.tool_problem("sshfs", "sshfs")
+    or ("" if os.path.exists("/dev/fuse") and os.geteuid() == 0 else "local mounts need /dev/fuse and root")
 )
 
 
@@ -230,12 +234,54 @@ def test_mount_does_not_follow_a_link_out_of_the_project(point, project, tmp_pat
     secret.write_text("PRIVATE\n")
     (project / "link-out").symlink_to(secret)
     (project / "link-in").symlink_to("hello.txt")
-    try:
-        guest.sftp_server_command(project, confine="require")
-    except GuestError as exc:
-        pytest.skip(f"bubblewrap cannot run here: {exc}")
+    needs.need(needs.bwrap_problem())
     with guest.Mount(LocalConn(), project, str(point), timeout=15, options=("follow_symlinks",)) as mount:
         assert mount.confined
         assert (point / "link-in").read_text() == "hello\n"
         with pytest.raises(OSError):
             (point / "link-out").read_text()
+
+
+def set_id_attempts(app: Path) -> dict[str, str]:
+    """What root in the guest tries through the mount: set-id bits, device nodes, fifos. Returns
+    {name: the error} for what the mount refused."""
+    refused = {}
+    (app / "suid").write_text("#!/bin/sh\n")
+    os.chmod(app / "suid", 0o4755)
+    (app / "sgid").write_text("x")
+    os.chmod(app / "sgid", 0o2755)
+    (app / "both").write_text("x")
+    os.chmod(app / "both", 0o6777)
+    (app / "sticky-dir").mkdir()
+    os.chmod(app / "sticky-dir", 0o1777)
+    os.close(os.open(app / "created-suid", os.O_CREAT | os.O_WRONLY, 0o4755))
+    os.mkdir(app / "made-dir", 0o3777)
+    for name, make in (("char-dev", lambda p: os.mknod(p, stat.S_IFCHR | 0o666, os.makedev(1, 3))),
+                       ("block-dev", lambda p: os.mknod(p, stat.S_IFBLK | 0o666, os.makedev(7, 0))),
+                       ("fifo", os.mkfifo),
+                       ("mknod-reg", lambda p: os.mknod(p, stat.S_IFREG | 0o4755))):
+        try:
+            make(app / name)
+        except OSError as exc:
+            refused[name] = exc.strerror
+    return refused
+
+
+def assert_no_set_id_or_special_file(project: Path) -> None:
+    for path in [project, *project.rglob("*")]:
+        mode = path.lstat().st_mode
+        assert stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode), f"{path.name}: {oct(mode)}"
+        assert stat.S_IMODE(mode) & 0o7000 == 0, f"{path.name}: {oct(mode)}"
+
+
+@needs_fuse
+def test_the_mount_leaves_no_set_id_bit_device_or_fifo_on_the_host(point, project):
+    with guest.Mount(LocalConn(), project, str(point), timeout=15):
+        refused = set_id_attempts(point)
+        assert {"char-dev", "block-dev", "fifo"} <= set(refused), refused
+        assert stat.S_IMODE((point / "suid").stat().st_mode) == 0o755  # chmod itself still works
+    assert_no_set_id_or_special_file(project)
+    assert stat.S_IMODE((project / "suid").stat().st_mode) == 0o755
+    assert stat.S_IMODE((project / "both").stat().st_mode) == 0o777
+    assert stat.S_IMODE((project / "sticky-dir").stat().st_mode) == 0o777
+    assert stat.S_IMODE((project / "created-suid").stat().st_mode) == 0o755 & ~os.umask(os.umask(0))

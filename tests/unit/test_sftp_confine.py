@@ -10,14 +10,13 @@ outside reached through a symlink in the project.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import guest
 from devops_tasks.errors import GuestError
 
@@ -35,22 +34,17 @@ sys.exit(command.start().wait())
 """
 
 
-def _bwrap_problem() -> str:
-    """Why the sandbox cannot run here ("" when it can)."""
+def _sandbox_problem() -> str:
+    """Why a bubblewrap sandbox cannot run here ("" when it can), found without the product's
+    code: when bwrap works and the product's sandbox does not, the tests below fail."""
     if SFTP_SERVER is None:
-        return "no sftp-server on this machine (openssh-sftp-server)"
-    if shutil.which("sftp") is None:
-        return "no OpenSSH sftp client (openssh-client)"
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            guest.sftp_server_command(Path(folder), confine="require", environ={"PATH": os.defpath})
-        except GuestError as exc:
-            return f"bubblewrap cannot run here: {exc}"
-    return ""
+        return "no sftp-server on this machine (apt-get install openssh-sftp-server)"
+    return needs.tool_problem("sftp", "openssh-client") or needs.bwrap_problem()
 
 
-BWRAP_PROBLEM = _bwrap_problem()
-needs_bwrap = pytest.mark.skipif(bool(BWRAP_PROBLEM), reason=BWRAP_PROBLEM or "-")
+needs_bwrap = needs.mark(_sandbox_problem())
+needs_sftp_server = needs.mark("" if SFTP_SERVER else "no sftp-server on this machine (apt-get install "
+                               "openssh-sftp-server)")
 
 
 @pytest.fixture
@@ -137,6 +131,25 @@ def test_nothing_outside_the_project_is_reachable(layout):
 
 
 @needs_bwrap
+def test_the_sandbox_dev_takes_no_files(layout):
+    """The sandbox's /dev is a tmpfs: writable, the guest could fill this machine's memory there."""
+    project, _, download, wrapper = layout
+    (download / "note").write_text("x" * 1000)
+    result = sftp(wrapper, project, download, ["-put note /dev/planted", "-mkdir /dev/planted-dir",
+                                               "-put note /dev/shm/planted", "-put note /dev/null", "ls -1a /dev"],
+                  confine="require")
+    assert result.returncode == 0, result.stderr
+    listed = {line.strip().rsplit("/", 1)[-1] for line in result.stdout.splitlines() if line.startswith("/dev/")}
+    assert "null" in listed
+    assert not {"planted", "planted-dir"} & listed, listed
+    shm = sftp(wrapper, project, download, ["ls -1a /dev/shm"], confine="require")
+    assert "planted" not in shm.stdout
+    for refused in ('dest open "/dev/planted"', 'remote mkdir "/dev/planted-dir"', 'dest open "/dev/shm/planted"'):
+        assert refused in result.stderr, result.stderr
+    assert "/dev/null" not in result.stderr  # writing to a device still works (sftp-server needs that)
+
+
+@needs_bwrap
 def test_without_the_sandbox_the_same_requests_reach_the_secret(layout):
     """The control: what the sandbox stops is really there when it is off."""
     project, secret, download, wrapper = layout
@@ -178,7 +191,7 @@ def test_confine_mode(fresh):
         guest.confine_mode(None, {"CORE_MOUNT_CONFINE": "yes"})
 
 
-@pytest.mark.skipif(SFTP_SERVER is None, reason="no sftp-server on this machine (openssh-sftp-server)")
+@needs_sftp_server
 def test_without_bwrap_auto_warns_once_and_require_refuses(tmp_path, fresh, monkeypatch, capsys):
     monkeypatch.setattr(guest.sftp_server, "find_bwrap", lambda environ=None: None)
     plain = guest.sftp_server_command(tmp_path, environ={})
@@ -198,7 +211,7 @@ def test_without_bwrap_auto_warns_once_and_require_refuses(tmp_path, fresh, monk
     assert capsys.readouterr().err == ""  # off is asked for: no warning
 
 
-@pytest.mark.skipif(SFTP_SERVER is None, reason="no sftp-server on this machine (openssh-sftp-server)")
+@needs_sftp_server
 def test_a_bwrap_that_cannot_sandbox_falls_back_or_refuses_with_its_reason(tmp_path, fresh, monkeypatch, capsys):
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
@@ -225,7 +238,7 @@ def test_mount_passes_confine_through(tmp_path, fresh, monkeypatch):
     assert asked == ["require"]
 
 
-@pytest.mark.skipif(SFTP_SERVER is None, reason="no sftp-server on this machine (openssh-sftp-server)")
+@needs_sftp_server
 def test_the_whole_file_system_cannot_be_confined(fresh, capsys):
     with pytest.raises(GuestError, match=r"the project is / \(the whole file system\)"):
         guest.sftp_server_command(Path("/"), confine="require", environ={})
