@@ -8,7 +8,8 @@ truth:
 * ``gh``: the host's ``~/.config/gh`` (symlinked files followed, as dotfile managers make them)
   copied to the guest's tmpfs, ``GH_CONFIG_DIR`` pointing at it, as a tar stream on an SSH
   channel's stdin: never on the VM's disk, whose freed blocks a later run could read back.
-* ``anthropic``: ``ANTHROPIC_API_KEY``; ``git``: ``GIT_AUTHOR_*``/``GIT_COMMITTER_*`` from the host's
+* ``anthropic``: ``ANTHROPIC_API_KEY`` and/or ``CLAUDE_CODE_OAUTH_TOKEN`` (a subscription's token),
+  and ``ANTHROPIC_BASE_URL`` when the host sets one; ``git``: ``GIT_AUTHOR_*``/``GIT_COMMITTER_*`` from the host's
   ``git config user.name/user.email``. These reach the environment of the claude process only.
 
 Secrets never travel in an argv (the host's ``ssh`` command line and the guest's ``sh -c`` line are
@@ -56,10 +57,15 @@ GUEST_GH_DIR = f"{GUEST_SECRETS_DIR}/gh"
 NOT_INSTALLED_STATUS = 42
 MOUNT_CONFINE = "require"  # the project mount's sftp-server must be sandboxed (guest.confine_mode)
 
+AGENT_USER = "dev"  # the guest's unprivileged user (every recipe has it): claude never runs as root
+ANTHROPIC_VARS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL")
+TIMED_OUT = 124  # what coreutils' timeout returns
+# Claude Code's version is the image's: no self-update, no traffic the run does not need.
+RUN_ENV = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+
 NOT_INSTALLED = (
-    "claude is not installed in the VM image: build an image whose recipe installs it "
-    "(e.g. the npm package @anthropic-ai/claude-code), or install it in the running VM with "
-    "'inv shell -- npm install -g @anthropic-ai/claude-code'"
+    "claude is not installed in the VM image: build the image with Claude Code "
+    "('inv image.build --recipe claude', or images.build.recipe: claude in ~/.core/config.yaml)"
 )
 
 GitConfigReader = Callable[[str], str]
@@ -162,12 +168,12 @@ def gather_credentials(
             else:
                 creds.notes.append(f"gh: no gh config on this machine ({folder})")
         elif kind == "anthropic":
-            key = environ.get("ANTHROPIC_API_KEY", "")
-            if key:
-                creds.env["ANTHROPIC_API_KEY"] = key
+            found = {name: environ[name] for name in ANTHROPIC_VARS if environ.get(name)}
+            if "ANTHROPIC_API_KEY" in found or "CLAUDE_CODE_OAUTH_TOKEN" in found:
+                creds.env.update(found)
                 creds.kinds.append(kind)
             else:
-                creds.notes.append("anthropic: ANTHROPIC_API_KEY is not set")
+                creds.notes.append("anthropic: neither ANTHROPIC_API_KEY nor CLAUDE_CODE_OAUTH_TOKEN is set")
         elif kind == "git":
             name = git_config_reader("user.name")
             email = git_config_reader("user.email")
@@ -242,18 +248,21 @@ def gh_tar(folder: Path) -> tuple[bytes, int]:
     return buffer.getvalue(), files
 
 
-def claude_words(model: str = "") -> list[str]:
+def claude_words(model: str = "", args: Sequence[str] = ()) -> list[str]:
+    """``claude [--model M] ARGS...``: each word reaches claude intact."""
     words = ["claude"]
     if model:
         words += ["--model", model]
-    return words
+    return words + [str(word) for word in args]
 
 
-def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR, gh: bool = False) -> str:
-    """The guest ``sh`` script: load and delete the env file (when given), point gh at its copy on
-    tmpfs (``gh``), cd, exec claude.
+def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR, gh: bool = False,
+                   args: Sequence[str] = (), user: str = AGENT_USER) -> str:
+    """The guest ``sh`` script, run as root: load and delete the env file (when given), point gh at
+    its copy on tmpfs (``gh``), hand the session's agent socket and terminal to ``user``, cd, and
+    exec claude as ``user`` (busybox ``su`` keeps the environment and sets HOME to theirs).
 
-    Holds the file's name, never a value.
+    Holds the file's name, never a value. ``user`` empty runs claude as root.
     """
     lines = []
     if gh:
@@ -261,8 +270,19 @@ def wrapper_script(env_file: str, model: str = "", workdir: str = GUEST_APP_DIR,
     if env_file:
         f = shlex.quote(env_file)
         lines.append(f"if [ -f {f} ]; then . {f}; rm -f {f}; fi")
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in RUN_ENV.items()]
     lines.append(f"cd {shlex.quote(workdir)} || exit 1")
-    lines.append("exec " + shlex.join(claude_words(model)))
+    words = claude_words(model, args)
+    if not user:
+        lines.append("exec " + shlex.join(words))
+        return "\n".join(lines) + "\n"
+    u = shlex.quote(user)
+    lines += [
+        f'[ -n "$SSH_AUTH_SOCK" ] && chown {u} "$SSH_AUTH_SOCK" "${{SSH_AUTH_SOCK%/*}}" 2>/dev/null',
+        f't=$(tty 2>/dev/null) && chown {u} "$t" 2>/dev/null',
+        # "--": without it busybox su takes claude's own options (--version) as its own
+        f"exec su -s /bin/sh {u} -c 'exec \"$@\"' -- sh " + shlex.join(words),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -271,22 +291,30 @@ def prepare_script() -> str:
     return cleanup_script() + f"command -v claude >/dev/null 2>&1 || exit {NOT_INSTALLED_STATUS}\n"
 
 
-def cleanup_script() -> str:
-    """Guest script after a run: every credential of it (all live in one tmpfs folder) is gone."""
-    return f"rm -rf {shlex.quote(GUEST_SECRETS_DIR)}\n"
+def cleanup_script(user: str = AGENT_USER) -> str:
+    """Guest script after a run: nothing the agent started runs on (one session per VM: every
+    process of ``user`` is the run's), and every credential of it (all live in one tmpfs folder)
+    is gone."""
+    kill = f"su -s /bin/sh {shlex.quote(user)} -c 'kill -KILL -1' 2>/dev/null; " if user else ""
+    return f"{kill}rm -rf {shlex.quote(GUEST_SECRETS_DIR)}\n"
 
 
 # --------------------------------------------------------------------------- guest part
 
 
-def run_session(argv: Sequence[str], grace: float = 5.0) -> int:
-    """``guest.run_foreground`` that also ends ssh when this process is told to stop.
+def run_session(argv: Sequence[str], grace: float = 5.0, timeout: Optional[float] = None) -> int:
+    """``guest.run_foreground`` that also ends ssh when this process is told to stop or when
+    ``timeout`` seconds have passed (then :data:`TIMED_OUT`).
 
     Ctrl-C belongs to claude (ssh passes it on); SIGTERM/SIGHUP here (KeyboardInterrupt, see
     ``signals.stop_as_interrupt``) end the ssh session too (TERM, then KILL after ``grace`` s), so
-    claude never runs on in the VM after its mount and credentials are gone.
+    claude never runs on in the VM after its mount and credentials are gone (the cleanup ends what
+    it left in the guest).
     """
-    return guest.run_foreground(argv, terminate_grace=grace)
+    try:
+        return guest.run_foreground(argv, terminate_grace=grace, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return TIMED_OUT
 
 
 def feed(conn: "Connection", command: str, data: bytes, timeout: float = 60.0) -> tuple[int, str]:
@@ -321,8 +349,10 @@ def feed(conn: "Connection", command: str, data: bytes, timeout: float = 60.0) -
 
 def install_gh(conn: "Connection", data: bytes) -> None:
     """Unpack the gh tar stream into :data:`GUEST_GH_DIR` (tmpfs)."""
-    secrets_dir = shlex.quote(GUEST_SECRETS_DIR)
-    command = f"umask 077; mkdir -p {secrets_dir} && chmod 700 {secrets_dir} && tar -x -p -f - -C {secrets_dir}"
+    secrets_dir, gh, user = shlex.quote(GUEST_SECRETS_DIR), shlex.quote(GUEST_GH_DIR), shlex.quote(AGENT_USER)
+    # the folder: traversable only; the gh copy: the agent user's alone
+    command = (f"umask 077; mkdir -p {secrets_dir} && chmod 711 {secrets_dir} && tar -x -p -f - -C {secrets_dir}"
+               f" && chown -R {user}:{user} {gh}")
     code, errors = feed(conn, command, data)
     if code != 0:
         raise GuestError(f"copying the gh config to {GUEST_GH_DIR} in the VM failed: {errors or f'status {code}'}")
@@ -336,7 +366,7 @@ def new_env_file() -> str:
 def install_env(conn: "Connection", env: Mapping[str, str], path: str) -> None:
     """Write ``env`` to ``path``, a fresh mode-600 file on the guest's tmpfs."""
     command = (
-        f"umask 077; mkdir -p {shlex.quote(GUEST_SECRETS_DIR)} && chmod 700 {shlex.quote(GUEST_SECRETS_DIR)}"
+        f"umask 077; mkdir -p {shlex.quote(GUEST_SECRETS_DIR)} && chmod 711 {shlex.quote(GUEST_SECRETS_DIR)}"
         f" && cat > {shlex.quote(path)}"
     )
     code, errors = feed(conn, command, env_file_text(env).encode("utf-8"))
@@ -382,6 +412,13 @@ def claude(
     where = vm.target()
     guest.check_target(where)
     tty = guest.stdin_interactive() if interactive is None else interactive
+    code = run_in_vm(vm, root, opts, creds, where, tty)
+    notify(opts.notify, code, vm, root, bell=tty)
+    return code
+
+
+def run_in_vm(vm: VM, root: Path, opts: ClaudeOptions, creds: Credentials, where: guest.Target, tty: bool) -> int:
+    """The run itself: prepare the guest, mount, hand over the credentials, run claude, clean up."""
     try:
         with stop_as_interrupt(), one_session(vm), guest.session(where) as conn:
             try:
@@ -399,12 +436,53 @@ def claude(
                     vm.echo(creds.summary())
                     for note in creds.notes:
                         vm.echo(f"Not forwarded: {note}")
-                    script = wrapper_script(env_file, opts.model, gh=bool(creds.gh_tar))
+                    script = wrapper_script(env_file, opts.model, gh=bool(creds.gh_tar), args=opts.args)
                     argv = guest.ssh_argv(where, ["sh", "-c", script], forward_agent=creds.agent, tty=tty)
-                    return run_session(argv)
+                    code = run_session(argv, timeout=opts.timeout)
+                    if code == TIMED_OUT:
+                        vm.echo(f"claude ran out of time ({format_seconds(opts.timeout)}, --timeout)")
+                    return code
             finally:
                 with contextlib.suppress(Exception):
                     guest.capture(conn, cleanup_script(), timeout=15)
     except KeyboardInterrupt:
         vm.echo("Interrupted")
         return INTERRUPTED
+
+
+def format_seconds(seconds: Optional[float]) -> str:
+    seconds = int(seconds or 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n) or "0s"
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1h30m`` → seconds (> 0); a one-line error naming the value."""
+    import re
+
+    value = str(text).strip().lower()
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", value)
+    if not value or match is None:
+        raise DevopsError(f"--timeout {text!r} is not a duration (e.g. 90s, 30m, 1h30m)")
+    hours, minutes, secs = (int(group or 0) for group in match.groups())
+    total = hours * 3600 + minutes * 60 + secs
+    if total <= 0:
+        raise DevopsError(f"--timeout {text!r} must be longer than 0 seconds")
+    return float(total)
+
+
+def notify(command: str, code: int, vm: VM, project: Path, bell: bool) -> None:
+    """Signal the end of a run on the host: the terminal bell, and the user's own ``--notify``
+    command (run by ``sh -c`` with ``CLAUDE_EXIT_STATUS``, ``CLAUDE_VM`` and ``CLAUDE_PROJECT``)."""
+    if bell:
+        import sys
+
+        sys.stderr.write("\a")
+        sys.stderr.flush()
+    if command:
+        env = dict(os.environ, CLAUDE_EXIT_STATUS=str(code), CLAUDE_VM=vm.name, CLAUDE_PROJECT=str(project))
+        try:
+            subprocess.run(["sh", "-c", command], env=env, stdin=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            vm.echo(f"Warning: the --notify command failed: {exc}")

@@ -75,8 +75,13 @@ class ServeOptions:
 
 @dataclass
 class ClaudeOptions:
-    """``auth`` empty means all kinds; ``no_auth`` forwards nothing, the SSH agent included."""
+    """``auth`` empty means all kinds; ``no_auth`` forwards nothing, the SSH agent included.
+    ``args`` are claude's own words (``-p "..."``), passed intact; ``timeout`` (seconds) ends the
+    run from the host; ``notify`` is a host command run when it ends (``$CLAUDE_EXIT_STATUS``)."""
 
     no_auth: bool = False
     auth: list[str] = field(default_factory=list)
     model: str = ""
+    args: list[str] = field(default_factory=list)
+    timeout: float | None = None
+    notify: str = ""

@@ -141,14 +141,16 @@ def close_master(target: Target) -> None:
             subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
 
 
-def run_foreground(argv: Sequence[str], terminate_grace: Optional[float] = None) -> int:
+def run_foreground(argv: Sequence[str], terminate_grace: Optional[float] = None,
+                   timeout: Optional[float] = None) -> int:
     """Run a program attached to this terminal and return its exit status, as a shell would.
 
     While it runs, SIGINT and SIGQUIT are ignored here: Ctrl-C belongs to the program (ssh puts the
     terminal in raw mode and passes it on; without a terminal ssh itself gets the signal).
     ``terminate_grace``: when the wait here is interrupted (e.g. KeyboardInterrupt from
     ``signals.stop_as_interrupt``), end the program too (TERM, then KILL after that many seconds)
-    before the exception goes on; None leaves it running.
+    before the exception goes on; None leaves it running. ``timeout``: after that many seconds the
+    program is ended the same way and :class:`subprocess.TimeoutExpired` is raised.
     """
     if shutil.which(argv[0]) is None:
         raise GuestError(f"{argv[0]} not found (install openssh-client)")
@@ -162,8 +164,10 @@ def run_foreground(argv: Sequence[str], terminate_grace: Optional[float] = None)
     with signal_handlers(("SIGINT", "SIGQUIT"), signal.SIG_IGN):
         try:
             proc = subprocess.Popen(list(argv), preexec_fn=restore_child if in_main else None)
-            code = proc.wait()
-        except BaseException:
+            code = proc.wait(timeout=timeout)
+        except BaseException as exc:
+            if isinstance(exc, subprocess.TimeoutExpired) and terminate_grace is None:
+                terminate_grace = 5.0
             if terminate_grace is not None and proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DEVOPS = str(BIN / "devops")
-RECORD = "/run/claude-stub.txt"
+RECORD = "/dev/shm/claude-stub.txt"
 CREDENTIAL_VARS = {"ANTHROPIC_API_KEY", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
                    "GIT_COMMITTER_EMAIL", "SSH_AUTH_SOCK"}
 GIT_NAME, GIT_EMAIL = "Ada Lovelace-E2E", "ada.e2e@example.com"
@@ -51,6 +51,7 @@ class Record:
     """What the stand-in claude saw."""
 
     args: list[str]
+    user: str
     pwd: str
     tty: bool
     agent_rc: int
@@ -60,13 +61,15 @@ class Record:
     @classmethod
     def parse(cls, text: str) -> "Record":
         args, gh, env = [], {}, {}
-        pwd, tty, agent_rc = "", False, -1
+        pwd, user, tty, agent_rc = "", "", False, -1
         for line in text.splitlines():
             kind, _, value = line.partition(":")
             if kind == "arg":
                 args.append(value)
             elif kind == "pwd":
                 pwd = value
+            elif kind == "user":
+                user = value
             elif kind == "tty":
                 tty = value == "yes"
             elif kind == "agent-rc":
@@ -77,7 +80,7 @@ class Record:
             elif kind == "env" and "=" in value:
                 key, _, val = value.partition("=")
                 env[key] = val
-        return cls(args, pwd, tty, agent_rc, gh, env)
+        return cls(args, user, pwd, tty, agent_rc, gh, env)
 
     def credentials(self) -> set[str]:
         """The kinds that arrived, judged from what the guest sees."""
@@ -221,7 +224,7 @@ def test_boots_a_stopped_vm_and_default_forwards_all_without_secrets_in_ps(sandb
             samples.append(subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout)
             time.sleep(0.1)
         assert "devops claude --model claude-e2e-model" in samples[-1]
-        assert "exec claude --model claude-e2e-model" in samples[-1]  # the host's ssh running it
+        assert "-- sh claude --model claude-e2e-model" in samples[-1]  # the host's ssh running it
         # the guest's process list: no secret in any argv either
         code, cmdlines = e.guest("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done")
         assert code == 0 and "/usr/local/bin/claude --model claude-e2e-model" in cmdlines, cmdlines
@@ -241,13 +244,14 @@ def test_boots_a_stopped_vm_and_default_forwards_all_without_secrets_in_ps(sandb
     assert "Auth forwarded: SSH agent, gh, anthropic, git" in out
     rec = e.record()
     assert rec.args == ["--model", "claude-e2e-model"]
-    assert rec.pwd == "/app" and rec.tty is False
+    assert rec.pwd == "/app" and rec.tty is False and rec.user == "dev"  # never root
+    assert rec.env["HOME"] == "/home/dev"
     assert rec.credentials() == {"ssh", "gh", "anthropic", "git"}
     assert rec.env["ANTHROPIC_API_KEY"] == e.secret
     assert (rec.env["GIT_AUTHOR_NAME"], rec.env["GIT_COMMITTER_NAME"]) == (GIT_NAME, GIT_NAME)
     assert (rec.env["GIT_AUTHOR_EMAIL"], rec.env["GIT_COMMITTER_EMAIL"]) == (GIT_EMAIL, GIT_EMAIL)
     assert rec.agent_rc == 0
-    assert rec.gh == {GH: "755 0", f"{GH}/config.yml": "644 0", f"{GH}/hosts.yml": "600 0"}
+    assert rec.gh == {GH: "755 1000", f"{GH}/config.yml": "644 1000", f"{GH}/hosts.yml": "600 1000"}
     # nothing is left behind in the guest after the run
     code, text = e.guest("ls -A /run/devops-tasks-claude 2>&1; true")
     assert "No such file" in text
@@ -285,7 +289,7 @@ def test_exactly_the_asked_credentials_arrive(sandbox_env, opts, expected):
     }
     assert rec.agent_rc == (0 if "ssh" in expected else 2)  # 2: ssh-add cannot reach an agent
     if "gh" in expected:
-        assert rec.gh[f"{GH}/hosts.yml"] == "600 0"
+        assert rec.gh[f"{GH}/hosts.yml"] == "600 1000"
     if "anthropic" in expected:
         assert rec.env["ANTHROPIC_API_KEY"] == e.secret
     if "git" in expected:
@@ -317,6 +321,36 @@ def test_exit_status_is_claudes(sandbox_env):
     finally:
         (e.project / ".claude-stub-exit").unlink()
     assert code == 7
+
+
+def test_words_after_the_dashes_reach_claude_intact(sandbox_env):
+    e = sandbox_env
+    words = ["-p", "fix the 'failing' test; $(id)", "--dangerously-skip-permissions"]
+    result = subprocess.run([DEVOPS, "claude", "--no-auth", "--project", str(e.project), "--", *words], env=e.env,
+                            capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert e.record().args == words
+
+
+def test_timeout_ends_the_run_from_the_host_and_notify_runs(sandbox_env, tmp_path):
+    e = sandbox_env
+    told = tmp_path / "told"
+    (e.project / ".claude-stub-wait").touch()  # the stand-in waits up to 60 s for a go file that never comes
+    try:
+        start = time.monotonic()
+        result = subprocess.run(
+            [DEVOPS, "claude", "--no-auth", "--project", str(e.project), "--timeout", "5s",
+             "--notify", f"echo $CLAUDE_EXIT_STATUS $CLAUDE_VM > {told}"],
+            env=e.env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        took = time.monotonic() - start
+    finally:
+        (e.project / ".claude-stub-wait").unlink()
+    assert result.returncode == 124, result.stdout + result.stderr
+    assert "claude ran out of time (5s, --timeout)" in result.stdout
+    assert took < 55  # ended by the timeout, not by the stand-in giving up
+    assert told.read_text().split() == ["124", "core-dev"]
+    code, text = e.guest("ps -o user= | grep -c '^dev' || true")
+    assert text.strip() == "0"  # nothing of the agent's runs on in the guest
 
 
 def test_a_terminal_gets_a_real_tty(sandbox_env):

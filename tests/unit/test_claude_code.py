@@ -137,7 +137,7 @@ def test_gather_leaves_out_what_the_host_lacks(tmp_path):
     assert creds.kinds == [] and creds.env == {} and not creds.agent and creds.gh_tar == b""
     assert creds.summary() == "Auth forwarded: (none)"
     assert [note.split(":")[0] for note in creds.notes] == ["SSH agent", "gh", "anthropic", "git"]
-    assert "ANTHROPIC_API_KEY is not set" in creds.notes[2]
+    assert "neither ANTHROPIC_API_KEY nor CLAUDE_CODE_OAUTH_TOKEN is set" in creds.notes[2]
 
 
 def test_gather_git_with_only_a_name(host_home):
@@ -215,20 +215,22 @@ def test_wrapper_sources_deletes_and_execs(tmp_path, fake_claude):
     envfile = tmp_path / "secret.env"
     envfile.write_text(claude_code.env_file_text({"ANTHROPIC_API_KEY": SECRET, "GIT_AUTHOR_NAME": "Ada"}))
     envfile.chmod(0o600)
-    script = claude_code.wrapper_script(str(envfile), model="claude-x 1", workdir=str(workdir))
+    script = claude_code.wrapper_script(str(envfile), model="claude-x 1", workdir=str(workdir), user="",
+                                        args=["-p", "fix it; rm -rf $HOME", "--dangerously-skip-permissions"])
     assert SECRET not in script
     env = {"PATH": f"{bindir}:/usr/bin:/bin"}
     result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 3
     assert record.read_text().splitlines() == [
-        str(workdir), "arg:--model", "arg:claude-x 1", f"key:{SECRET}", "name:Ada",
+        str(workdir), "arg:--model", "arg:claude-x 1", "arg:-p", "arg:fix it; rm -rf $HOME",
+        "arg:--dangerously-skip-permissions", f"key:{SECRET}", "name:Ada",
     ]
     assert not envfile.exists()  # deleted before claude ran
 
 
 def test_wrapper_without_env_or_model(tmp_path, fake_claude):
     bindir, record = fake_claude
-    script = claude_code.wrapper_script("", workdir=str(tmp_path))
+    script = claude_code.wrapper_script("", workdir=str(tmp_path), user="")
     assert "ANTHROPIC" not in script and ". " not in script
     subprocess.run(["sh", "-c", script], env={"PATH": f"{bindir}:/usr/bin:/bin", "ANTHROPIC_API_KEY": ""})
     assert record.read_text().splitlines() == [str(tmp_path), "key:unset", "name:unset"]
@@ -239,7 +241,8 @@ def test_prepare_and_cleanup_remove_every_credential_of_a_run():
     assert claude_code.new_env_file().startswith(claude_code.GUEST_SECRETS_DIR + "/")
     assert "rm -rf /run/devops-tasks-claude" in claude_code.prepare_script()
     assert "command -v claude" in claude_code.prepare_script()
-    assert claude_code.cleanup_script() == "rm -rf /run/devops-tasks-claude\n"
+    assert claude_code.cleanup_script().endswith("rm -rf /run/devops-tasks-claude\n")
+    assert "su -s /bin/sh dev -c 'kill -KILL -1'" in claude_code.cleanup_script()  # the agent's processes end
 
 
 def test_a_symlinked_gh_config_is_followed_and_forwarded(host_home, tmp_path):
@@ -319,7 +322,7 @@ def fake(monkeypatch, tmp_path):
         g.fed.append((command, data))
         return 0, ""
 
-    def run_foreground(argv):
+    def run_foreground(argv, timeout=None):
         g.calls.append(("ssh", list(argv)))
         return g.status
 
@@ -379,10 +382,10 @@ def test_claude_default_forwards_all_without_secrets_in_argv(dev, fake, tmp_path
     assert not any(SECRET in word for word in argv)
     assert "-A" in argv and "-a" not in argv and "-T" in argv
     script = shlex.split(argv[-1])
-    assert script[:2] == ["sh", "-c"] and "exec claude --model opus" in script[2]
+    assert script[:2] == ["sh", "-c"] and "exec su -s /bin/sh dev -c 'exec \"$@\"' -- sh claude --model opus" in script[2]
     envfile = env_cmd.rsplit("> ", 1)[1]
     assert envfile.startswith("/run/devops-tasks-claude/") and envfile in script[2]
-    assert fake.calls[-2][1] == "rm -rf /run/devops-tasks-claude\n"  # the env file and gh copy go after the run
+    assert fake.calls[-2][1] == claude_code.cleanup_script()  # the env file and gh copy go after the run
     assert "Auth forwarded: SSH agent, gh, anthropic, git" in dev.lines
     assert all(SECRET not in line for line in dev.lines)
     assert dev.booted == 1  # it was running: no boot
@@ -429,7 +432,7 @@ def test_claude_not_installed(dev, fake, tmp_path, host_home):
     with pytest.raises(GuestError) as info:
         run_claude(dev, tmp_path, ClaudeOptions(), {"ANTHROPIC_API_KEY": SECRET}, host_home)
     message = str(info.value)
-    assert "claude is not installed" in message and "@anthropic-ai/claude-code" in message and "inv shell" in message
+    assert "claude is not installed" in message and "--recipe claude" in message and "images.build.recipe: claude" in message
     assert "\n" not in message
     assert fake.fed == [] and not any(c[0] in ("mount", "ssh") for c in fake.calls)
 
@@ -471,7 +474,7 @@ def test_claude_refuses_an_unconfined_mount_before_booting(dev, fake, tmp_path, 
 def test_claude_ctrl_c_cleans_up(dev, fake, tmp_path, host_home, monkeypatch):
     dev.booted = 1
 
-    def interrupted(argv):
+    def interrupted(argv, timeout=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(claude_code, "run_session", interrupted)
@@ -560,4 +563,4 @@ def test_ctrl_c_while_the_env_file_is_written_still_removes_it(dev, fake, monkey
     monkeypatch.setattr(claude_code, "feed", interrupted)
     assert run_claude(dev, tmp_path, ClaudeOptions(auth=["anthropic"]), {"ANTHROPIC_API_KEY": SECRET},
                       host_home) == 130
-    assert ("cleanup", "rm -rf /run/devops-tasks-claude\n") in fake.calls
+    assert ("cleanup", claude_code.cleanup_script()) in fake.calls

@@ -1,12 +1,14 @@
 #!/bin/sh
 # Stand-in for Claude Code in the e2e tests: records what it received, inside the guest, on tmpfs in
-# /run/claude-stub.txt (written whole when the run ends). When /app/.claude-stub-wait exists it
+# /dev/shm/claude-stub.txt (written whole when the run ends; it runs as the agent user, not root). When /app/.claude-stub-wait exists it
 # waits (up to 60 s) for /app/.claude-stub-go first, so the test can look at the host meanwhile.
 # Exits with the number in /app/.claude-stub-exit when that exists, else 0.
-out=/run/claude-stub.txt
+out=/dev/shm/claude-stub.txt
 {
     echo "== args"
     for a in "$@"; do echo "arg:$a"; done
+    echo "== user"
+    echo "user:$(id -un)"
     echo "== pwd"
     echo "pwd:$(pwd)"
     echo "== tty"

@@ -1,0 +1,87 @@
+"""The real Claude Code, offline, driven through ``inv claude`` by a fake Messages API on the host.
+
+The ``claude`` recipe's image (Claude Code from the npm registry) runs in a VM; the host runs a
+local server speaking the Messages API's streaming events (``fake_messages_api``) that answers the
+agent's first request with a ``Write`` tool call. The agent, running as the guest user ``dev`` in
+bypass mode, really writes the file under ``/app``: it lands in the host project, owned by the
+host user, and the fake API saw the model, the real key, and the tool's result.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devops_tasks import paths
+from devops_tasks.devops import DevOps
+from devops_tasks.manifest import ImageInfo, Manifest
+
+from fake_messages_api import FakeMessagesAPI, has_tool_result
+from helpers import free_port
+
+pytestmark = pytest.mark.e2e
+
+DEVOPS = str(Path(sys.executable).parent / "devops")
+CONTENT = "written by the real agent\n"
+
+
+@pytest.fixture(scope="module")
+def agent_env(tmp_path_factory, claude_image):
+    base = tmp_path_factory.mktemp("agent")
+    core, images, home, project = base / "core", base / "images", base / "home", base / "proj"
+    for folder in (core, images, home, project):
+        folder.mkdir()
+    (core / "config.yaml").write_text(
+        f"vm:\n  ssh_port: {free_port()}\n  memory: 1024\n  cpus: 1\n  boot_timeout: 180\n")
+    (images / paths.image_name()).symlink_to(claude_image)
+    manifest = Manifest(images / "manifest.json")
+    manifest.set(paths.image_name(), ImageInfo(version="v0.0.1-claude-real", source="build", guest_contract=1))
+    manifest.save()
+    api = FakeMessagesAPI("/app/hello.txt", CONTENT).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "ANTHROPIC_", "CLAUDE_"))}
+    env.update(HOME=str(home), CORE_HOME=str(core), CORE_IMAGES_DIR=str(images),
+               ANTHROPIC_API_KEY="sk-ant-e2e-" + secrets.token_urlsafe(16),
+               # the open network's view of the host's loopback (the host proxy replaces this later)
+               ANTHROPIC_BASE_URL=f"http://10.0.2.2:{api.port}")
+    env.pop("SSH_AUTH_SOCK", None)
+    try:
+        yield env, project, api
+    finally:
+        api.stop()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CORE_HOME", str(core))
+            mp.setenv("CORE_IMAGES_DIR", str(images))
+            DevOps(echo=lambda _: None).stop()
+
+
+def run(env, project, *words, timeout=600):
+    return subprocess.run([DEVOPS, "claude", "--auth", "anthropic", "--project", str(project), "--", *words],
+                          env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_version_from_the_vm(agent_env):
+    env, project, _ = agent_env
+    result = run(env, project, "--version")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(Claude Code)" in result.stdout
+
+
+def test_a_real_agent_turn_writes_the_file_on_the_host(agent_env):
+    env, project, api = agent_env
+    result = run(env, project, "-p", "Write hello.txt, please.", "--dangerously-skip-permissions",
+                 "--model", "claude-e2e-model")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Done: the file is written." in result.stdout
+    written = project / "hello.txt"
+    assert written.read_text() == CONTENT
+    assert written.stat().st_uid == os.getuid()  # the host user's file, not a guest uid
+    turns = [r for r in api.messages() if r["body"].get("tools")]
+    assert len(turns) >= 2, [r["path"] for r in api.messages()]
+    assert turns[0]["body"]["model"] == "claude-e2e-model"
+    assert all(r["headers"].get("x-api-key") == env["ANTHROPIC_API_KEY"] for r in turns)
+    assert has_tool_result(turns[-1]["body"])  # the agent sent the Write tool's result back
