@@ -385,7 +385,7 @@ def test_not_installed_is_a_clear_error(sandbox_env):
     e = sandbox_env
     assert e.guest("mv /usr/local/bin/claude /usr/local/bin/claude.off")[0] == 0
     try:
-        with pytest.raises(GuestError, match=r"claude is not installed in the VM image.*@anthropic-ai/claude-code"):
+        with pytest.raises(GuestError, match=r"claude is not installed in the VM image.*inv image.build --recipe claude"):
             e.devops.claude(e.project, ClaudeOptions())
         result = subprocess.run([DEVOPS, "claude", "--project", str(e.project)], env=e.env, capture_output=True,
                                 text=True, timeout=120, stdin=subprocess.DEVNULL)
