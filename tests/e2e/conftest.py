@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import needs
 import pytest
 
 DEFAULT_TEST_CACHE = "/var/tmp/devops-tasks-test-cache"
@@ -40,7 +41,7 @@ def built_image(tmp_path_factory, build_cache_dir) -> Path:
 
     missing = missing_tools()
     if missing:
-        pytest.skip(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
+        needs.unavailable(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
     base = tmp_path_factory.mktemp("built-image")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CORE_CACHE_DIR", build_cache_dir)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import guest, workspace
 from devops_tasks.devops import DevOps
 from devops_tasks.errors import GuestError
@@ -76,7 +77,7 @@ def vm(request, tmp_path_factory):
     try:
         image = Path(request.getfixturevalue("built_image"))
     except pytest.FixtureLookupError:
-        pytest.skip("needs the image builder's built_image fixture")
+        needs.unavailable("needs the image builder's built_image fixture")
     base = tmp_path_factory.mktemp("ws")
     home, images = base / "core", base / "images"
     home.mkdir()
@@ -433,7 +434,7 @@ def test_a_real_pypi_project_gives_the_same_counts(vm, tmp_path):
     fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                               "toolz==0.12.0", "-d", str(download)], capture_output=True, text=True, timeout=600)
     if fetched.returncode != 0:
-        pytest.skip(f"PyPI unreachable (pip download failed): {fetched.stderr.strip()[-300:]}")
+        needs.unavailable(f"PyPI unreachable (pip download failed): {fetched.stderr.strip()[-300:]}")
     with tarfile.open(next(download.glob("toolz-0.12.0.tar.gz"))) as archive:
         archive.extractall(tmp_path, filter="data")
     source = tmp_path / "toolz-0.12.0"
