@@ -107,6 +107,7 @@ while :; do
   fi
   # dead: its sshfs is gone (or going: it unmounts itself then, and this umount may find nothing)
   if umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null; then
+    rm -rf "$U/${{1##*:}}"
     say "stale $1"
   else
     tries=$((tries+1)); [ $tries -le 1500 ] || {{ say "error: cannot unmount the dead mount $1 at $D"; exit 11; }}
