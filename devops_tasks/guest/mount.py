@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import secrets
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -46,38 +48,78 @@ def fsname_for(host_dir: Path) -> str:
     return f"devops-tasks:{digest}"
 
 
-def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str] = SSHFS_OPTIONS) -> str:
+USERS_DIR = "/run/devops-tasks/mount-users"  # in the guest: <owner token>/<user token> holds a PID
+
+
+def mount_source(fsname: str, token: str, confined: bool) -> str:
+    """The mount's name in the guest's /proc/mounts: project hash, how it is served, whose it is."""
+    return f"{fsname}:{'confined' if confined else 'unconfined'}:{token}"
+
+
+def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str] = SSHFS_OPTIONS,
+                 confined: bool = False) -> str:
     """Guest script for the mount channel. Its stdin/stdout carry SFTP; it reports on stderr.
 
-    * ``/app`` already holds a live mount of the same folder → ``reuse`` (nothing mounted).
+    * ``/app`` already holds a live mount of the same folder, at least as confined as this one
+      (``confined``) would be → ``reuse``: the script registers as a user of that mount (its
+      owner waits for its users before it unmounts) and holds until this channel's stdin ends.
+    * such a mount, but unconfined while this one would be confined → ``unconfined`` (refuse:
+      the VM already reaches every host file through it).
     * a live mount of something else → ``busy`` (refuse: another command is using ``/app``).
-    * a dead mount (its sshfs gone) → lazily unmounted, then mounted afresh.
+    * dead mounts (their sshfs gone) → lazily unmounted, then mounted afresh.
     * sshfs or FUSE missing → an ``error:`` line saying so.
-    * otherwise sshfs runs in the background on this channel's stdin/stdout and the script waits
-      for ``/proc/mounts`` to list it (``mounted``), then for sshfs to end.
+    * otherwise ``serve`` (the host starts its sftp-server now), sshfs runs in the background on
+      this channel's stdin/stdout, the script waits for ``/proc/mounts`` to list it (``mounted``),
+      then for sshfs to end.
     """
     d = shlex.quote(guest_dir)
-    mine = shlex.quote(f"{fsname}:{token}")
-    prefix = shlex.quote(f"{fsname}:")
-    opts = ",".join(["slave", f"fsname={fsname}:{token}", *options])
+    source = mount_source(fsname, token, confined)
+    opts = ",".join(["slave", f"fsname={source}", *options])
+    need = "confined" if confined else "any"
     return f"""\
-D={d}; F={mine}; P={prefix}
+D={d}; F={shlex.quote(source)}; P={shlex.quote(fsname + ":")}; T={shlex.quote(token)}; NEED={need}
+U={USERS_DIR}
 say() {{ echo "{_MARK} $*" >&2; }}
 top() {{ awk -v d="$D" '$2 == d {{ s = $1 " " $3 }} END {{ print s }}' /proc/mounts; }}
-set -- $(top)
-if [ -n "$1" ]; then
-  if [ -d "$D/." ]; then
-    case "$1" in "$P"*) say reuse; exit 0;; esac
-    say "busy $1 $2"; exit 3
+# statfs always asks the file system's process (a stat may be answered from the kernel's cache)
+live() {{ stat -f "$D" >/dev/null 2>&1; }}
+tries=0
+while :; do
+  set -- $(top)
+  [ -n "$1" ] || break
+  if live; then
+    case "$1" in "$P"*) ;; *) say "busy $1 $2"; exit 3;; esac
+    case "$1" in "$P"confined:*) kind=confined;; *) kind=unconfined;; esac
+    [ "$NEED" = confined ] && [ "$kind" != confined ] && {{ say "unconfined $1"; exit 9; }}
+    o="$U/${{1##*:}}"; was=$1
+    # Registered, then checked again: an owner that is unmounting marks itself closing first.
+    if [ ! -e "$o/closing" ] && mkdir -p "$o" && echo $$ >"$o/$T" && [ ! -e "$o/closing" ] \\
+        && set -- $(top) && [ "$1" = "$was" ] && live; then
+      say "reuse $kind"
+      cat >/dev/null
+      rm -f "$o/$T"
+      exit 0
+    fi
+    rm -f "$o/$T"
+    tries=$((tries+1)); [ $tries -le 1500 ] || {{ say "error: the mount at $D is being unmounted and stays"; exit 10; }}
+    sleep 0.02
+    continue
   fi
-  umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null
-  say "stale $1"
-fi
+  # dead: its sshfs is gone (or going: it unmounts itself then, and this umount may find nothing)
+  if umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null; then
+    rm -rf "$U/${{1##*:}}"
+    say "stale $1"
+  else
+    tries=$((tries+1)); [ $tries -le 1500 ] || {{ say "error: cannot unmount the dead mount $1 at $D"; exit 11; }}
+    sleep 0.02
+  fi
+done
 s=$(command -v sshfs 2>/dev/null)
 [ -n "$s" ] && [ -f "$s" ] && [ -x "$s" ] || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
 [ -c /dev/fuse ] || modprobe fuse 2>/dev/null
 [ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
 mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+say serve
 exec 3<&0
 sshfs : "$D" -f -o {shlex.quote(opts)} <&3 3<&- &
 pid=$!
@@ -93,16 +135,28 @@ wait "$pid"
 """
 
 
-def unmount_script(guest_dir: str, fsname: str, token: str) -> str:
-    """Unmount ``guest_dir`` only when its top mount is still this one (never someone else's)."""
+def unmount_script(guest_dir: str, fsname: str, token: str, confined: bool = False, force: bool = False) -> str:
+    """Unmount ``guest_dir`` when its top mount is still this one (never someone else's) and no
+    other command uses it: then it prints ``users N`` and leaves it (unless ``force``)."""
     d = shlex.quote(guest_dir)
-    mine = shlex.quote(f"{fsname}:{token}")
+    source = shlex.quote(mount_source(fsname, token, confined))
+    owner = shlex.quote(f"{USERS_DIR}/{token}")
     return (
-        f"D={d}; F={mine}\n"
+        f"D={d}; F={source}; o={owner}; FORCE={'1' if force else ''}\n"
         "top=$(awk -v d=\"$D\" '$2 == d { s = $1 } END { print s }' /proc/mounts)\n"
-        "[ \"$top\" = \"$F\" ] || exit 0\n"
+        "[ \"$top\" = \"$F\" ] || { rm -rf \"$o\"; exit 0; }\n"
+        "mkdir -p \"$o\" && : >\"$o/closing\"\n"
+        "n=0\n"
+        "for f in \"$o\"/*; do\n"
+        "  [ -f \"$f\" ] && [ \"${f##*/}\" != closing ] || continue\n"
+        "  pid=; read -r pid <\"$f\"\n"
+        "  if [ -n \"$pid\" ] && kill -0 \"$pid\" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' /proc/\"$pid\"/status;"
+        " then n=$((n+1)); else rm -f \"$f\"; fi\n"
+        "done\n"
+        "if [ $n -gt 0 ] && [ -z \"$FORCE\" ]; then rm -f \"$o/closing\"; echo \"users $n\"; exit 0; fi\n"
         "umount \"$D\" 2>/dev/null || umount -l \"$D\" 2>/dev/null || fusermount3 -uz \"$D\" 2>/dev/null"
         " || fusermount -uz \"$D\"\n"
+        "rc=$?; rm -rf \"$o\"; exit $rc\n"
     )
 
 
@@ -115,12 +169,15 @@ class Mount:
     """Mount a host folder in the guest (default ``/app``) for the ``with`` block.
 
     ``with Mount(conn, project_dir):`` — ready when the block starts, unmounted when it ends (also
-    on Ctrl-C or an error). A second mount of the same folder while one is live reuses it; a live
-    mount of another folder at the same place is an error, and a dead one is cleaned up first.
+    on Ctrl-C or an error). A second mount of the same folder while one is live reuses it when that
+    one is at least as confined as this one would be (else an error), and its owner then waits for
+    it before unmounting; a live mount of another folder at the same place is an error, and a dead
+    one is cleaned up first.
 
     The host's sftp-server runs in a sandbox that sees only the project (:func:`sftp_server_command`;
-    ``confine``: see :func:`confine_mode`). Start and stop a mount in one thread that outlives it
-    (the sandbox dies with the thread that started it: ``bwrap --die-with-parent``).
+    ``confine``: see :func:`confine_mode`), and the guest's requests reach it without set-id bits
+    (:mod:`.sftp_filter`). Start and stop a mount in one thread that outlives it (the sandbox dies
+    with the thread that started it: ``bwrap --die-with-parent``).
     """
 
     def __init__(
@@ -140,18 +197,18 @@ class Mount:
         self.options = tuple(options)
         self.sftp_server = sftp_server
         self.confine = confine
-        self.confined = False
+        self.confined = False  # this mount's server, or (reused) the live mount's, is sandboxed
         self.token = secrets.token_hex(4)
         self.host_dir: Optional[Path] = None
         self.reused = False
         self.mounted = False
+        self._server_confined = False
         self._proc: Optional[subprocess.Popen] = None
         self._chan = None
         self._threads: list[threading.Thread] = []
         self._messages: deque[str] = deque(maxlen=50)
         self._sftp_errors: deque[str] = deque(maxlen=20)
-        self._state = threading.Event()
-        self._outcome = ""
+        self._outcomes: queue.Queue[str] = queue.Queue()
 
     # -- public -------------------------------------------------------------------------------
     def __enter__(self) -> "Mount":
@@ -161,10 +218,15 @@ class Mount:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @property
+    def source(self) -> str:
+        """This mount's name in the guest's /proc/mounts (when it made one)."""
+        return mount_source(self.fsname, self.token, self._server_confined)
+
     def start(self) -> None:
         self.host_dir = _host_dir(self.requested)
         server = sftp_server_command(self.host_dir, self.sftp_server, self.confine)
-        self.confined = server.confined
+        self.confined = self._server_confined = server.confined
         self.fsname = fsname_for(self.host_dir)
         try:
             self._start(server)
@@ -173,15 +235,66 @@ class Mount:
             raise
 
     def stop(self) -> None:
-        """Unmount (when this mount made it) and end the channel and the host's sftp-server."""
-        if self.mounted and not self.reused:
-            with contextlib.suppress(Exception):
-                capture(self.conn, unmount_script(self.guest_dir, self.fsname, self.token), timeout=15)
-        self.mounted = False
-        self._teardown()
+        """Unmount (when this mount made it, once no other command uses it) and end the channel
+        and the host's sftp-server."""
+        try:
+            if self.mounted and not self.reused:
+                self._unmount()
+        finally:
+            self.mounted = False
+            self._teardown()
 
     # -- internals ----------------------------------------------------------------------------
     def _start(self, server: SftpServerCommand) -> None:
+        transport = self.conn.client.get_transport() if self.conn.is_connected else None
+        if transport is None:
+            self.conn.open()
+            transport = self.conn.client.get_transport()
+        self._chan = transport.open_session(timeout=self.timeout)
+        script = mount_script(self.guest_dir, self.fsname, self.token, self.options, confined=server.confined)
+        self._chan.exec_command(script)
+        self._spawn(self._read_messages, self._chan)
+        deadline = time.monotonic() + self.timeout
+        outcome = self._next_outcome(deadline)
+        if outcome == "serve":  # sshfs starts in the guest: its requests wait in the channel
+            self._serve(server)
+            outcome = self._next_outcome(deadline)
+        if outcome == "mounted":
+            self.mounted = True
+            return
+        if outcome.startswith("reuse"):
+            # The channel stays open until stop(): it is this command's hold on the live mount.
+            self.mounted = self.reused = True
+            self.confined = outcome.split()[1:] == ["confined"]
+            return
+        if outcome.startswith("busy"):
+            raise GuestError(
+                f"{self.guest_dir} in the VM already holds a live mount of another folder "
+                f"({outcome[5:].strip()}); another test/serve/claude command is using it: stop it first"
+            )
+        if outcome.startswith("unconfined"):
+            raise GuestError(
+                f"{self.guest_dir} in the VM holds an unconfined mount of this project (another command runs "
+                "with CORE_MOUNT_CONFINE=off) through which the VM reaches every host file you can; this "
+                "command needs the project confined: stop that command first"
+            )
+        raise GuestError(f"cannot mount {self.host_dir} at {self.guest_dir} in the VM" + self._why())
+
+    def _next_outcome(self, deadline: float) -> str:
+        """The guest script's next decision ("" when it ended without one)."""
+        while True:
+            try:
+                return self._outcomes.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            if time.monotonic() > deadline:
+                raise GuestError(
+                    f"mounting {self.host_dir} at {self.guest_dir} timed out after {self.timeout:.0f} s"
+                    + self._why()
+                )
+
+    def _serve(self, server: SftpServerCommand) -> None:
+        """Start the host's sftp-server on the channel."""
         try:
             self._proc = server.start(
                 stdin=subprocess.PIPE,
@@ -192,45 +305,37 @@ class Mount:
             )
         except OSError as exc:
             raise GuestError(f"cannot start {server.argv[0]}: {exc.strerror or exc}") from None
-        transport = self.conn.client.get_transport() if self.conn.is_connected else None
-        if transport is None:
-            self.conn.open()
-            transport = self.conn.client.get_transport()
-        self._chan = transport.open_session(timeout=self.timeout)
-        self._chan.exec_command(mount_script(self.guest_dir, self.fsname, self.token, self.options))
         proc, chan = self._proc, self._chan
         self._spawn(self._pump_up, proc, chan)
         self._spawn(self._pump_down, proc, chan)
-        self._spawn(self._read_messages, chan)
         self._spawn(self._read_sftp_errors, proc)
-        deadline = time.monotonic() + self.timeout
-        while not self._state.wait(0.05):
-            if self._chan.exit_status_ready() and not self._state.is_set():
-                self._state.wait(0.5)  # let the last stderr lines arrive
-                break
-            if time.monotonic() > deadline:
-                raise GuestError(
-                    f"mounting {self.host_dir} at {self.guest_dir} timed out after {self.timeout:.0f} s"
-                    + self._why()
-                )
-        outcome = self._outcome
-        if outcome == "mounted":
-            self.mounted = True
+
+    def _unmount(self) -> None:
+        """Unmount; while another command uses the mount, say so once and wait (Ctrl-C: now)."""
+        told = False
+        try:
+            while True:
+                _, out, _ = capture(self.conn, unmount_script(self.guest_dir, self.fsname, self.token,
+                                                              self._server_confined), timeout=15)
+                if not out.startswith("users "):
+                    return
+                if not told:
+                    told = True
+                    print(f"{self.guest_dir} in the VM is still used by another command on this project: "
+                          "its mount stays until that ends (Ctrl-C: unmount now)", file=sys.stderr, flush=True)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                capture(self.conn, unmount_script(self.guest_dir, self.fsname, self.token, self._server_confined,
+                                                  force=True), timeout=15)
+            raise
+        except Exception:  # the connection is gone: so is the mount
             return
-        if outcome == "reuse":
-            self.mounted = self.reused = True
-            self._teardown()
-            return
-        if outcome.startswith("busy"):
-            raise GuestError(
-                f"{self.guest_dir} in the VM already holds a live mount of another folder "
-                f"({outcome[5:].strip()}); another test/serve/claude command is using it: stop it first"
-            )
-        raise GuestError(f"cannot mount {self.host_dir} at {self.guest_dir} in the VM" + self._why())
 
     def _why(self) -> str:
         errors = [m[len("error:"):].strip() for m in self._messages if m.startswith("error:")]
-        other = [m for m in self._messages if not m.startswith(("error:", "stale", "mounted", "reuse"))]
+        other = [m for m in self._messages
+                 if not m.startswith(("error:", "stale", "serve", "mounted", "reuse", "unconfined"))]
         parts = errors + other + [f"sftp-server: {line}" for line in self._sftp_errors]
         if self._chan is not None and self._chan.exit_status_ready():
             code = self._chan.recv_exit_status()
@@ -287,17 +392,15 @@ class Mount:
             pass
         if buffer:
             self._message(buffer.decode("utf-8", "replace"))
-        self._state.set()
+        self._outcomes.put("")  # the script ended
 
     def _message(self, line: str) -> None:
         line = line.rstrip("\r")
         if line.startswith(_MARK):
             text = line[len(_MARK):].strip()
             self._messages.append(text)
-            if text in ("mounted", "reuse") or text.startswith(("busy", "error:")):
-                if not self._outcome:
-                    self._outcome = text
-                self._state.set()
+            if text in ("serve", "mounted") or text.startswith(("reuse", "busy", "unconfined", "error:")):
+                self._outcomes.put(text)
         elif line.strip():
             self._messages.append(line.strip())  # sshfs's own words (e.g. a bad option)
 

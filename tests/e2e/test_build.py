@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import paths
 from devops_tasks.build import build_image, load_recipe
 from devops_tasks.errors import ImageError
@@ -84,7 +85,7 @@ def test_strict_host_key_rejects_other_key(vm, tmp_path):
     assert "host key" in result.stderr.lower() or "verification failed" in result.stderr.lower()
 
 
-@pytest.mark.skipif(not SFTP_SERVER, reason="host has no openssh-sftp-server")
+@needs.mark("" if SFTP_SERVER else "host has no sftp-server (apt-get install openssh-sftp-server)")
 def test_sshfs_slave_mount_forwarding_agent_and_console(vm, tmp_path):
     vm.start()
     vm.wait_ready()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import guest, paths
 from devops_tasks.devops import DevOps
 from devops_tasks.errors import DevopsError, GuestError
@@ -129,7 +130,7 @@ def claude_image(tmp_path_factory, build_cache_dir) -> Path:
 
     missing = missing_tools()
     if missing:
-        pytest.skip(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
+        needs.unavailable(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
     base = tmp_path_factory.mktemp("claude-image")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CORE_CACHE_DIR", build_cache_dir)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 
 import pytest
 import requests
 
+import needs
 from devops_tasks import paths
 from devops_tasks.config import Config
 from devops_tasks.errors import ChecksumError, ImageError, SourceError
@@ -168,7 +168,7 @@ def _github_source(gh):
 
 
 # -- registry -----------------------------------------------------------------------------------
-needs_registry = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
+needs_registry = needs.mark(needs.tool_problem("docker-registry", "docker-registry"))
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_registry_reference_parsing():
 
 
 @needs_registry
-@pytest.mark.skipif(shutil.which("htpasswd") is None, reason="htpasswd (apache2-utils) not installed")
+@needs.mark(needs.tool_problem("htpasswd", "apache2-utils"))
 def test_registry_basic_auth(tmp_path, monkeypatch):
     htpasswd = subprocess.run(["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True, text=True, check=True)
     (tmp_path / "htpasswd").write_text(htpasswd.stdout)

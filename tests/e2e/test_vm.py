@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import hostkeys, paths
 from devops_tasks.machine import process
 from devops_tasks.machine.records import VMDir, all_names, is_alive, proc_info
@@ -106,7 +107,7 @@ def guest_image(request) -> Path:
     try:
         image = request.getfixturevalue("built_image")
     except pytest.FixtureLookupError:
-        pytest.skip("needs the image builder's built_image fixture")
+        needs.unavailable("needs the image builder's built_image fixture")
     return Path(getattr(image, "path", image))
 
 

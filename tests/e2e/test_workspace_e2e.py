@@ -16,11 +16,13 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import tarfile
 import termios
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import guest
 from devops_tasks.devops import DevOps
 from devops_tasks.errors import GuestError
@@ -76,7 +79,7 @@ def vm(request, tmp_path_factory):
     try:
         image = Path(request.getfixturevalue("built_image"))
     except pytest.FixtureLookupError:
-        pytest.skip("needs the image builder's built_image fixture")
+        needs.unavailable("needs the image builder's built_image fixture")
     base = tmp_path_factory.mktemp("ws")
     home, images = base / "core", base / "images"
     home.mkdir()
@@ -310,6 +313,86 @@ def test_mount_reaches_nothing_outside_the_project(vm, project, tmp_path):
         assert code != 0
 
 
+# What root in the guest tries through the mount: set-id bits, device nodes, a fifo.
+SET_ID_ATTEMPTS = """\
+cd /app || exit 1
+echo x > suid && chmod 4755 suid
+echo x > sgid && chmod 2755 sgid
+echo x > both && chmod 6777 both
+mkdir sticky-dir && chmod 1777 sticky-dir
+mkdir -m 3777 made-dir
+python3 -c "import os; os.close(os.open('created-suid', os.O_CREAT | os.O_WRONLY, 0o4755))"
+mknod char-dev c 1 3 && echo MADE char-dev
+mknod block-dev b 7 0 && echo MADE block-dev
+mkfifo fifo && echo MADE fifo
+stat -c '%a %n' suid sgid both sticky-dir made-dir created-suid
+"""
+
+
+def test_mount_leaves_no_set_id_bit_device_or_fifo_on_the_host(vm, project):
+    with guest.session(vm.target()) as conn, guest.Mount(conn, project):
+        code, out, err = guest.capture(conn, SET_ID_ATTEMPTS, timeout=60)
+    assert code == 0, err
+    assert "MADE" not in out, out
+    modes = dict(reversed(line.split(" ", 1)) for line in out.splitlines() if line[:1].isdigit())
+    # the guest sees what the host file has (created-suid: 0o4755 less the session's umask)
+    assert modes.pop("created-suid") in ("755", "700"), out
+    assert modes == {"suid": "755", "sgid": "755", "both": "777", "sticky-dir": "777", "made-dir": "777"}, out
+    for path in [project, *project.rglob("*")]:
+        mode = path.lstat().st_mode
+        assert stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode), f"{path.name}: {oct(mode)}"
+        assert stat.S_IMODE(mode) & 0o7000 == 0, f"{path.name}: {oct(mode)}"
+    assert {"suid", "sgid", "both", "sticky-dir", "made-dir", "created-suid"} <= set(os.listdir(project))
+
+
+def test_a_confined_command_never_reuses_an_unconfined_mount(vm, project, monkeypatch):
+    """``CORE_MOUNT_CONFINE=off inv serve`` then ``inv claude``: claude must not get serve's mount."""
+    needs.need(needs.bwrap_problem())
+    monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    with guest.session(vm.target()) as conn:
+        with guest.Mount(conn, project, confine="off") as unconfined:
+            assert not unconfined.confined
+            with pytest.raises(GuestError, match="holds an unconfined mount of this project"):
+                guest.Mount(conn, project, confine="require").start()
+            assert guest.capture(conn, "cat /app/hello.py")[0] == 0  # the refusal left it alone
+            with guest.Mount(conn, project, confine="off") as also_off:
+                assert also_off.reused
+        with guest.Mount(conn, project, confine="require"):
+            with guest.Mount(conn, project, confine="off") as user:
+                assert user.reused and user.confined
+        assert guest.capture(conn, "grep ' /app ' /proc/mounts")[0] != 0
+
+
+def test_the_owner_of_a_mount_waits_for_its_other_users(vm, project, capfd):
+    """``inv serve`` ends while ``inv test`` runs on its mount: the mount stays until test ends."""
+    with guest.session(vm.target()) as owner_conn, guest.session(vm.target()) as user_conn:
+        owner = guest.Mount(owner_conn, project)
+        owner.start()
+        user = guest.Mount(user_conn, project)
+        stopper = threading.Thread(target=owner.stop)
+        try:
+            user.start()
+            assert user.reused
+            stopper.start()
+            said = []
+            wait_for(lambda: said.append(capfd.readouterr().err) or "is still used by another command" in "".join(said),
+                     30, "the owner to say it waits")
+            stopper.join(2)
+            assert stopper.is_alive(), "the owner unmounted under its user"
+            (project / "late.txt").write_text("after the owner stopped\n")
+            wait_for(lambda: guest.capture(user_conn, "cat /app/late.txt")[1] == "after the owner stopped\n", 15,
+                     "the host's file through the mount")
+            user.stop()
+            stopper.join(60)
+            assert not stopper.is_alive()
+            assert guest.capture(user_conn, "grep ' /app ' /proc/mounts")[0] != 0
+        finally:
+            user.stop()
+            if stopper.ident is not None:
+                stopper.join(60)
+            owner.stop()
+
+
 def test_mount_errors_say_why(vm, tmp_path):
     with guest.session(vm.target()) as conn:
         with pytest.raises(GuestError, match="no such directory"):
@@ -433,7 +516,7 @@ def test_a_real_pypi_project_gives_the_same_counts(vm, tmp_path):
     fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                               "toolz==0.12.0", "-d", str(download)], capture_output=True, text=True, timeout=600)
     if fetched.returncode != 0:
-        pytest.skip(f"PyPI unreachable (pip download failed): {fetched.stderr.strip()[-300:]}")
+        needs.unavailable(f"PyPI unreachable (pip download failed): {fetched.stderr.strip()[-300:]}")
     with tarfile.open(next(download.glob("toolz-0.12.0.tar.gz"))) as archive:
         archive.extractall(tmp_path, filter="data")
     source = tmp_path / "toolz-0.12.0"

@@ -450,11 +450,15 @@ def test_fsname_hides_the_path_and_tells_folders_apart():
 
 @pytest.mark.parametrize("script", [
     guest.mount_script("/app", "devops-tasks:0123", "abcd"),
+    guest.mount_script("/app", "devops-tasks:0123", "abcd", confined=True),
     guest.unmount_script("/app", "devops-tasks:0123", "abcd"),
+    guest.unmount_script("/app", "devops-tasks:0123", "abcd", confined=True, force=True),
     guest.kill_script("/tmp/x.pid"),
+    guest.wrap_command("true", pidfile="/tmp/x.pid", watchdog=True),
 ])
-def test_guest_scripts_are_valid_sh(script):
-    result = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+def test_guest_scripts_are_valid_sh(script, guest_shell):
+    argv, env = guest_shell
+    result = subprocess.run([*argv, "-n", "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
 
 

@@ -9,10 +9,14 @@ The same behaviour is checked against the real guest in tests/e2e/test_workspace
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import shutil
 import stat
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,7 +134,7 @@ def test_mount_edits_both_ways_and_unmounts(point, project, tmp_path):
     conn = LocalConn()
     with guest.Mount(conn, project, str(point), timeout=15) as mount:
         assert mount.mounted and not mount.reused
-        assert mounted_at(point) == [f"{guest.fsname_for(project)}:{mount.token}"]
+        assert mounted_at(point) == [mount.source] and mount.source.startswith(guest.fsname_for(project) + ":")
         assert (point / "hello.txt").read_text() == "hello\n"
         (point / "from-guest.txt").write_text("guest wrote this")
         assert (project / "from-guest.txt").read_text() == "guest wrote this"
@@ -171,8 +175,11 @@ def test_mount_replaces_a_dead_mount(point, project):
     conn = LocalConn()
     first = guest.Mount(conn, project, str(point), timeout=15)
     first.start()
-    # The host side dies without unmounting (kill -9 of the tool): sshfs's peer is gone.
+    # The host side dies without unmounting (kill -9 of the tool): its sftp-server is killed and
+    # the tool's ends of the pipes close. (Killed alone, bwrap's sandbox may outlive it a while.)
     first._proc.kill()
+    first._proc.stdin.close()
+    first._proc.stdout.close()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
@@ -285,3 +292,87 @@ def test_the_mount_leaves_no_set_id_bit_device_or_fifo_on_the_host(point, projec
     assert stat.S_IMODE((project / "both").stat().st_mode) == 0o777
     assert stat.S_IMODE((project / "sticky-dir").stat().st_mode) == 0o777
     assert stat.S_IMODE((project / "created-suid").stat().st_mode) == 0o755 & ~os.umask(os.umask(0))
+
+
+needs_bwrap = needs.mark(needs.bwrap_problem())
+
+
+@needs_fuse
+@needs_bwrap
+def test_a_confined_mount_never_reuses_an_unconfined_one(point, project, monkeypatch):
+    """``CORE_MOUNT_CONFINE=off inv serve`` then ``inv claude``: claude must not get serve's mount."""
+    monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    conn = LocalConn()
+    with guest.Mount(conn, project, str(point), timeout=15, confine="off") as unconfined:
+        assert not unconfined.confined and not unconfined.reused
+        with pytest.raises(GuestError, match="holds an unconfined mount of this project .* stop that command first"):
+            guest.Mount(conn, project, str(point), timeout=15, confine="require").start()
+        with pytest.raises(GuestError, match="holds an unconfined mount"):  # auto sandboxes here: no less
+            guest.Mount(conn, project, str(point), timeout=15).start()
+        with guest.Mount(conn, project, str(point), timeout=15, confine="off") as also_off:
+            assert also_off.reused and not also_off.confined
+        assert mounted_at(point) == [unconfined.source]
+    with guest.Mount(conn, project, str(point), timeout=15, confine="require") as confined:
+        with guest.Mount(conn, project, str(point), timeout=15, confine="off") as user:
+            assert user.reused and user.confined  # more confined than asked: fine
+        assert mounted_at(point) == [confined.source]
+    assert mounted_at(point) == []
+
+
+@needs_fuse
+def test_the_owner_leaving_waits_for_the_mount_s_other_users(point, project, capfd):
+    """``inv serve`` ends while ``inv test`` runs on its mount: the mount stays until test ends."""
+    conn = LocalConn()
+    owner = guest.Mount(conn, project, str(point), timeout=15)
+    owner.start()
+    user = guest.Mount(conn, project, str(point), timeout=15)
+    stopper = None
+    try:
+        user.start()
+        assert user.reused
+        stopper = threading.Thread(target=owner.stop)
+        stopper.start()
+        deadline = time.monotonic() + 15
+        while "is still used by another command" not in capfd.readouterr().err:
+            assert time.monotonic() < deadline, "the owner did not say it waits"
+            time.sleep(0.05)
+        stopper.join(1.5)
+        assert stopper.is_alive(), "the owner went without waiting"
+        assert (point / "hello.txt").read_text() == "hello\n"  # still served
+        (point / "still-there.txt").write_text("yes")
+        assert (project / "still-there.txt").read_text() == "yes"
+        user.stop()
+        stopper.join(15)
+        assert not stopper.is_alive()
+        assert mounted_at(point) == []
+    finally:
+        user.stop()
+        if stopper is not None:
+            stopper.join(15)
+        owner.stop()
+
+
+class NoticeWatch(io.StringIO):
+    """sys.stderr that sends this process SIGINT (Ctrl-C) once the owner says it waits."""
+
+    def write(self, text):
+        if "is still used by another command" in text:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(text)
+
+
+@needs_fuse
+def test_ctrl_c_while_the_owner_waits_unmounts_at_once(point, project, monkeypatch):
+    conn = LocalConn()
+    owner = guest.Mount(conn, project, str(point), timeout=15)
+    owner.start()
+    user = guest.Mount(conn, project, str(point), timeout=15)
+    try:
+        user.start()
+        monkeypatch.setattr(sys, "stderr", NoticeWatch())
+        with pytest.raises(KeyboardInterrupt):
+            owner.stop()
+        assert mounted_at(point) == []
+    finally:
+        user.stop()
+        owner.stop()

@@ -5,14 +5,14 @@ import hashlib
 import hmac
 import multiprocessing
 import os
-import shutil
 
 import pytest
 
+import needs
 from devops_tasks import hostkeys, paths
 from devops_tasks.errors import NotRunningError
 
-needs_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen missing")
+needs_keygen = needs.mark(needs.tool_problem("ssh-keygen", "openssh-client"))
 
 
 def hashed(name: str, salt: bytes = b"0123456789abcdefghij") -> str:
