@@ -2,7 +2,6 @@
 
 from invoke import Collection
 
-from ..claude_code import parse_duration, split_auth
 from ..options import ClaudeOptions
 from .common import configure, devops, exit_with, remainder_words, task
 
@@ -22,6 +21,8 @@ from .common import configure, devops, exit_with, remainder_words, task
 )
 def claude(c, no_auth=False, auth=None, model=None, vm=None, project=None, timeout=None, notify=None):
     """Run Claude Code in the VM on the project (`-- ARGS` go to claude intact), with only the credentials asked for."""
+    from ..claude_code import parse_duration, split_auth  # here: inv --list and other tasks skip its imports
+
     opts = ClaudeOptions(no_auth=no_auth, auth=split_auth(auth), model=model or "", args=remainder_words(),
                          timeout=parse_duration(timeout) if timeout else None, notify=notify or "")
     exit_with(devops(c, vm).claude(project or ".", opts))
