@@ -40,6 +40,8 @@ def fake(monkeypatch, tmp_path):
     key.write_text("k")
     where = guest.Target(port=40022, identity=key, known_hosts=key)
     monkeypatch.setattr(VM, "target", lambda self: where)
+    monkeypatch.setattr(VM, "is_running", lambda self: True)
+    monkeypatch.chdir(tmp_path)  # not a project: ``shell`` mounts nothing unless a test says so
 
     @contextlib.contextmanager
     def session(target, forward_agent=False):
@@ -77,8 +79,10 @@ def fake(monkeypatch, tmp_path):
             raise rec.status
         return rec.status
 
-    def run_foreground(argv):
+    def run_foreground(argv, terminate_grace=None):
         rec.calls.append(("ssh", argv))
+        if isinstance(rec.status, BaseException):
+            raise rec.status
         return rec.status
 
     monkeypatch.setattr(guest, "session", session)
@@ -113,10 +117,39 @@ def pytest_project(tmp_path: Path, test_yaml: str = "") -> Path:
 def test_not_running_is_a_clear_error(dev, tmp_path):
     with pytest.raises(NotRunningError, match=r"dev environment not running \(run 'inv vm.boot' first\)"):
         dev.shell(ShellOptions(command=["true"]))
-    with pytest.raises(NotRunningError, match="not running"):
-        dev.test(pytest_project(tmp_path))
-    with pytest.raises(NotRunningError, match="not running"):
-        dev.serve(tmp_path, ServeOptions(port=0 + 8000))
+
+
+def test_test_and_serve_boot_a_stopped_vm_saying_so(dev, fake, tmp_path, monkeypatch):
+    booted = []
+    monkeypatch.setattr(VM, "is_running", lambda self: bool(booted))
+    monkeypatch.setattr(VM, "boot", lambda self, opts=None: booted.append(self.name))
+    assert dev.test(pytest_project(tmp_path)) == 0
+    assert booted == ["core-dev"]
+    assert dev.lines[0] == "Dev environment not running, booting..."
+    assert fake.calls[0] == ("session", 40022)  # booted before anything touched the guest
+    booted.clear()
+    dev.lines.clear()
+    port = free_local_port()
+    assert dev.serve(tmp_path, ServeOptions(port=port)) == 0
+    assert booted == ["core-dev"] and dev.lines[0] == "Dev environment not running, booting..."
+
+
+def test_serve_checks_its_port_before_booting(dev, fake, tmp_path, monkeypatch):
+    booted = []
+    monkeypatch.setattr(VM, "is_running", lambda self: False)
+    monkeypatch.setattr(VM, "boot", lambda self, opts=None: booted.append(self.name))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(GuestError):
+            dev.serve(tmp_path, ServeOptions(port=taken.getsockname()[1]))
+    assert booted == []
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("program", ["inv", "devops"])
