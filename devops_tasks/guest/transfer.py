@@ -207,6 +207,9 @@ def _add_tree(tar: tarfile.TarFile, path: Path, arcname: str, result: CopyResult
             raise GuestError(f"vm.cp: cannot list {str(path)!r}: {exc.strerror or exc}") from None
         for child in children:
             _add_tree(tar, path / child, f"{arcname}/{child}", result)
+    elif member.islnk():  # a second name of a file already sent
+        tar.addfile(member)
+        result.files += 1
     else:
         tar.addfile(member)
         result.links += 1
@@ -464,7 +467,7 @@ def _exchange(conn: "Connection", command: str, what: str, send: Optional[Callab
         try:
             if send is not None:
                 send(chan)
-                chan.shutdown_write()
+            chan.shutdown_write()  # the guest's stdin ends here
             if receive is not None:
                 receive(chan)
                 while chan.recv(1 << 16):  # what follows the tar's end (padding)

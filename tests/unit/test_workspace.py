@@ -189,6 +189,52 @@ def test_shell_console_goes_to_the_serial_console(dev, fake, monkeypatch):
         dev.shell(ShellOptions(console=True, command=["ls"]))
 
 
+def test_shell_in_a_project_mounts_it_and_starts_in_app(dev, fake, tmp_path, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    root = pytest_project(tmp_path)
+    monkeypatch.chdir(root)
+    fake.status = 4
+    assert dev.shell(ShellOptions(command=["printf", "%s", "a b"])) == 4
+    assert fake.calls[:2] == [("session", 40022), ("mount", root.resolve(), "/app")]
+    assert fake.calls[3:] == [("unmount",), ("closed",)]
+    argv = fake.calls[2][1]
+    assert argv[-3:] == ["root@127.0.0.1", "--", "cd /app && printf %s 'a b'"]
+    assert "-t" not in argv and "-tt" not in argv  # a command gets no pty, as with plain ssh
+
+
+def test_shell_login_shell_in_a_project(dev, fake, tmp_path, monkeypatch):
+    root = pytest_project(tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(guest, "stdin_interactive", lambda: True)
+    dev.shell(ShellOptions())
+    argv = fake.calls[2][1]
+    assert argv[-2:] == ["--", 'cd /app && exec "${SHELL:-/bin/sh}" -l'] and "-tt" in argv
+
+
+def test_shell_mount_choices(dev, fake, tmp_path, monkeypatch):
+    root = pytest_project(tmp_path)
+    monkeypatch.chdir(root)
+    dev.shell(ShellOptions(command=["pwd"], mount=False))
+    assert [call[0] for call in fake.calls] == ["ssh"] and fake.calls[0][1][-1] == "pwd"
+    fake.calls.clear()
+    elsewhere = tmp_path / "plain"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    dev.shell(ShellOptions(command=["pwd"], project=str(root)))
+    assert fake.calls[1] == ("mount", root.resolve(), "/app")
+    with pytest.raises(GuestError, match="contradict"):
+        dev.shell(ShellOptions(command=["pwd"], project=str(root), mount=False))
+    with pytest.raises(ProjectError, match="does not exist"):
+        dev.shell(ShellOptions(command=["pwd"], project=str(tmp_path / "missing")))
+
+
+def test_shell_ctrl_c_or_sigterm_unmounts(dev, fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(pytest_project(tmp_path))
+    fake.status = KeyboardInterrupt()
+    assert dev.shell(ShellOptions(command=["sleep", "99"])) == 130
+    assert fake.calls[-2:] == [("unmount",), ("closed",)]
+
+
 # --------------------------------------------------------------------------- test
 
 
