@@ -3,7 +3,6 @@
 from invoke import Collection
 
 from ..options import ClaudeOptions
-from ..claude_code import split_auth
 from .common import configure, devops, exit_with, task
 
 
@@ -20,6 +19,8 @@ from .common import configure, devops, exit_with, task
 )
 def claude(c, no_auth=False, auth=None, model=None, vm=None, project=None):
     """Run Claude Code in the VM on the project, with only the credentials asked for."""
+    from ..claude_code import split_auth  # here: every other task starts without it
+
     opts = ClaudeOptions(no_auth=no_auth, auth=split_auth(auth), model=model or "")
     exit_with(devops(c, vm).claude(project or ".", opts))
 
