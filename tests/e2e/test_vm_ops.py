@@ -1,4 +1,4 @@
-"""vm.list, vm.delete, vm.ssh-config, vm.cp, vm.snapshot, vm.resize, ``inv shell`` in a project and
+"""vm.list, vm.delete, vm.ssh-config (ssh, scp, rsync), vm.cp, vm.snapshot, vm.resize, ``inv shell`` in a project and
 ``inv test`` on a stopped VM, against real guests under TCG (the ``minimal`` image, free ports, a
 temporary ~/.core). Every VM a test boots is stopped by the ``core`` fixture's finalizer.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import needs
 from devops_tasks import paths
 from devops_tasks.machine.records import VMDir
 
@@ -164,6 +165,11 @@ def test_ssh_config_copies_and_shell_in_a_project(core, guest_image, tmp_path):
     down = tmp_path / "down.txt"
     assert run("scp", "-F", str(config), "core-dev:/etc/hostname", str(down)).returncode == 0
     assert down.read_text() == "devops\n"
+    rsync = needs.require_tool("rsync", "rsync")
+    synced = tmp_path / "synced"
+    assert run(rsync, "-a", "-e", f"ssh -F '{config}'", f"{tmp_path}/up.txt", "core-dev:/root/rsynced/").returncode == 0
+    assert run(rsync, "-a", "-e", f"ssh -F '{config}'", "core-dev:/root/rsynced/", f"{synced}/").returncode == 0
+    assert (synced / "up.txt").read_text() == "up\n"
     include = [line[2:] for line in printed.stdout.splitlines() if line.startswith("# Include ")]
     assert include == [f"Include {VMDir('core-dev').ssh_config}"]
     user_config = tmp_path / "user config"
