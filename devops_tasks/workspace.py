@@ -12,6 +12,7 @@ Each returns the guest command's exit status. Errors are :class:`DevopsError` su
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from . import guest
@@ -43,10 +44,24 @@ def shell(vm: VM, opts: ShellOptions) -> int:
     tty = None if opts.command else guest.stdin_interactive()
     argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent, tty=tty, cwd=GUEST_APP_DIR)
     try:
-        with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
+        with stop_as_interrupt(), guest.session(where) as conn, _shell_mount(conn, root):
             return guest.run_foreground(argv, terminate_grace=5.0)
     except KeyboardInterrupt:
         return INTERRUPTED
+
+
+@contextlib.contextmanager
+def _shell_mount(conn, root: Path):
+    """The project at /app for a shell; a mount that fails says how to get a shell anyway."""
+    mount = guest.Mount(conn, root, GUEST_APP_DIR)
+    try:
+        mount.start()
+    except GuestError as exc:
+        raise GuestError(f"{exc} (inv shell --no-mount gives a shell without it)") from None
+    try:
+        yield mount
+    finally:
+        mount.stop()
 
 
 def shell_project(opts: ShellOptions) -> Path | None:

@@ -165,7 +165,10 @@ def ssh_config(c, name=None):
     "name": NAME_HELP,
 })
 def cp(c, source, dest, name=None):
-    """Copy a file or folder between this machine and the VM (the VM's side written :PATH)."""
+    """Copy a file or folder between this machine and the VM (the VM's side written :PATH).
+
+    Help: inv --help vm.cp (Invoke wants the two paths before it reads a task's --help).
+    """
     d = devops(c, name)
     result = d.copy(source, dest)
     side = f"{d.name}:{result.where}" if dest.startswith(":") else result.where

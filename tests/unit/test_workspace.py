@@ -53,13 +53,22 @@ def fake(monkeypatch, tmp_path):
 
     class Mount:
         def __init__(self, conn, host_dir, guest_dir="/app", **kw):
-            rec.calls.append(("mount", Path(host_dir), guest_dir))
+            self.where = (Path(host_dir), guest_dir)
+
+        def start(self):
+            if getattr(rec, "mount_error", None):
+                raise rec.mount_error
+            rec.calls.append(("mount", *self.where))
+
+        def stop(self):
+            rec.calls.append(("unmount",))
 
         def __enter__(self):
+            self.start()
             return self
 
         def __exit__(self, *exc):
-            rec.calls.append(("unmount",))
+            self.stop()
 
     class Forward:
         def __init__(self, conn, port, sock=None, **kw):
@@ -226,6 +235,14 @@ def test_shell_mount_choices(dev, fake, tmp_path, monkeypatch):
         dev.shell(ShellOptions(command=["pwd"], project=str(root), mount=False))
     with pytest.raises(ProjectError, match="does not exist"):
         dev.shell(ShellOptions(command=["pwd"], project=str(tmp_path / "missing")))
+
+
+def test_shell_mount_failure_says_how_to_get_a_shell(dev, fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(pytest_project(tmp_path))
+    fake.mount_error = GuestError("/app in the VM already holds a live mount of another folder")
+    with pytest.raises(GuestError, match=r"another folder \(inv shell --no-mount gives a shell without it\)$"):
+        dev.shell(ShellOptions(command=["pwd"]))
+    assert [call[0] for call in fake.calls] == ["session", "closed"]  # no ssh ran
 
 
 def test_shell_ctrl_c_or_sigterm_unmounts(dev, fake, tmp_path, monkeypatch):
