@@ -71,18 +71,17 @@ def summary(name: str) -> VMSummary:
         size = disk.virtual_size(folder.disk) if folder.disk.exists() else 0
     except VMError:
         size = 0
-    source = record
     return VMSummary(
         name=name,
         status=status,
-        network=str(getattr(source, "network", "") or last.get("network") or NETWORK_OPEN),
-        ssh_port=int(source.ssh_port) if source else None,
-        memory=int(source.memory if source else last.get("memory") or 0),
-        cpus=int(source.cpus if source else last.get("cpus") or 0),
+        network=str(getattr(record, "network", "") or last.get("network") or NETWORK_OPEN),
+        ssh_port=int(record.ssh_port) if record else None,
+        memory=int(record.memory if record else last.get("memory") or 0),
+        cpus=int(record.cpus if record else last.get("cpus") or 0),
         disk_used=disk.allocated_size(folder.disk),
         disk_size=size,
         image_version=str(last.get("image_version") or ""),
-        uptime=int(source.uptime_seconds()) if source and status == "running" else 0,
+        uptime=int(record.uptime_seconds()) if record and status == "running" else 0,
     )
 
 
