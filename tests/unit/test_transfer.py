@@ -290,10 +290,13 @@ def victim(tmp_path):
     return dest, outside
 
 
-@pytest.mark.parametrize("name", ["../outside/secret", "top/../../outside/secret", "/etc/passwd", "other/file",
+# An absolute name points into the test's own folder: were the writer ever to follow it, it must not
+# hit a real system file.
+@pytest.mark.parametrize("name", ["../outside/secret", "top/../../outside/secret", "{outside}/secret", "other/file",
                                   "./../x", "top/x/../../../outside/secret"])
 def test_names_outside_the_copy_are_refused(victim, name):
     dest, outside = victim
+    name = name.format(outside=outside)
     with pytest.raises(GuestError, match="refused an entry the VM sent outside the copy"):
         extract(tar_bytes((entry("top", tarfile.DIRTYPE, mode=0o755), b""), (entry(name), b"evil")), dest)
     assert (outside / "secret").read_text() == "keep me"
