@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from . import __version__
@@ -26,8 +27,20 @@ def program():
     return Program(name="devops", binary="devops", version=__version__, namespace=ns)
 
 
-def fast_shell_args(argv: list[str], environ: Mapping[str, str]) -> Optional[tuple[str, list[str], bool]]:
-    """``shell [--name N] [--no-agent] [-- CMD ...]`` → (name, words, agent), or None for Invoke.
+@dataclass
+class FastShell:
+    """What ``devops shell`` was asked for (``name`` "" means the configured one)."""
+
+    name: str = ""
+    words: list[str] = field(default_factory=list)
+    agent: bool = True
+    mount: bool = True
+    project: str = ""
+
+
+def fast_shell_args(argv: list[str], environ: Mapping[str, str]) -> Optional[FastShell]:
+    """``shell [--name N] [--no-agent] [--no-mount] [--project DIR] [-- CMD ...]`` → :class:`FastShell`,
+    or None for Invoke.
 
     None for anything else: other tasks, ``--console``, help, Invoke's own flags, and whenever an
     Invoke config level exists that the fast path does not read (``/etc/invoke.*``,
@@ -51,18 +64,24 @@ def fast_shell_args(argv: list[str], environ: Mapping[str, str]) -> Optional[tup
     if "--" in rest:
         index = rest.index("--")
         rest, words = rest[:index], rest[index + 1:]
-    name, agent = "", True
+    name, agent, mount, project = "", True, True, ""
     while rest:
         flag = rest.pop(0)
         if flag == "--no-agent":
             agent = False
+        elif flag == "--no-mount":
+            mount = False
         elif flag in ("--name", "-n") and rest:
             name = rest.pop(0)
         elif flag.startswith("--name="):
             name = flag.split("=", 1)[1]
+        elif flag in ("--project", "-p") and rest:
+            project = rest.pop(0)
+        elif flag.startswith("--project="):
+            project = flag.split("=", 1)[1]
         else:
             return None
-    return name, words, agent
+    return FastShell(name=name, words=words, agent=agent, mount=mount, project=project)
 
 
 def fast_shell(argv: list[str], environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
@@ -70,7 +89,6 @@ def fast_shell(argv: list[str], environ: Optional[Mapping[str, str]] = None) -> 
     args = fast_shell_args(argv, os.environ if environ is None else environ)
     if args is None:
         return None
-    name, words, agent = args
     from .errors import DevopsError
 
     try:
@@ -80,8 +98,9 @@ def fast_shell(argv: list[str], environ: Optional[Mapping[str, str]] = None) -> 
         from .workspace import shell
 
         config = load_config()  # ~/.core/config.yaml, as the Invoke path reads it
-        vm = VM(name or config.vm.name, config)
-        return shell(vm, ShellOptions(command=words, forward_agent=agent))
+        vm = VM(args.name or config.vm.name, config)
+        return shell(vm, ShellOptions(command=args.words, forward_agent=args.agent, mount=args.mount,
+                                      project=args.project))
     except DevopsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

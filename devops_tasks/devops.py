@@ -91,6 +91,57 @@ class DevOps:
         """Attach this terminal to the VM's serial console (detach with Ctrl-])."""
         self.vm.console()
 
+    # -- VMs as things kept: list, delete, OpenSSH config, snapshots, disk size ---------------
+    def list_vms(self) -> list:
+        """Every VM under ``~/.core/vms`` (:class:`~.vms.VMSummary`), running or not."""
+        from . import vms
+
+        return vms.list_vms()
+
+    def delete(self, force: bool = False) -> int:
+        """Remove the VM (disk, snapshots, keys, logs); the bytes freed. ``force`` stops it first."""
+        from . import vms
+
+        return vms.delete(self.vm, force=force)
+
+    def ssh_config(self):
+        """The VM's OpenSSH config block (:class:`~.vms.SshConfig`), for ``ssh -F`` and ``Include``."""
+        from . import vms
+
+        return vms.ssh_config(self.vm)
+
+    def snapshots(self) -> list:
+        from . import vms
+
+        return vms.snapshots(self.vm)
+
+    def save_snapshot(self, tag: str):
+        from . import vms
+
+        return vms.save_snapshot(self.vm, tag)
+
+    def restore_snapshot(self, tag: str) -> None:
+        from . import vms
+
+        vms.restore_snapshot(self.vm, tag)
+
+    def delete_snapshot(self, tag: str) -> None:
+        from . import vms
+
+        vms.delete_snapshot(self.vm, tag)
+
+    def resize_disk(self, size: str) -> tuple[int, int]:
+        """Grow the stopped VM's disk (``20G``, ``+2G``); (old, new) bytes."""
+        from . import vms
+
+        return vms.resize_disk(self.vm, size)
+
+    def copy(self, source: str, dest: str):
+        """Copy between this machine and the VM, the VM's side written ``:PATH``."""
+        from . import workspace
+
+        return workspace.copy(self.vm, source, dest)
+
     # -- working in the VM ------------------------------------------------------------------
     def shell(self, opts: Optional[ShellOptions] = None) -> int:
         from . import workspace

@@ -123,6 +123,16 @@ def replace_host_keys(port: int, keys: Iterable[str], known_hosts: Path | None =
         atomic_write_text(path, "".join(f"{line}\n" for line in lines), mode)
 
 
+def host_key_lines(port: int, known_hosts: Path | None = None) -> list[str]:
+    """The known_hosts lines trusted for the guest on ``port``."""
+    path = Path(known_hosts) if known_hosts is not None else paths.known_hosts_path()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    return [line for line in lines if line_names_port(line, port)]
+
+
 def forget_host(port: int, known_hosts: Path | None = None) -> None:
     replace_host_keys(port, [], known_hosts)
 

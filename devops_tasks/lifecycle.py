@@ -13,6 +13,8 @@ propagates, so no half-booted VM or stale record is left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import secrets
 import socket
@@ -23,8 +25,8 @@ from typing import Callable, Optional
 
 from . import guest, hostkeys, paths
 from .config import Config, default_config, env_float
-from .errors import NotRunningError, VMError
-from .fsutil import file_lock
+from .errors import DevopsError, NotRunningError, VMError
+from .fsutil import atomic_write_text, file_lock
 from .machine import disk, process
 from .machine.ports import pick_port
 from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_argv, detect_accel,
@@ -113,6 +115,58 @@ def target_for(name: str, port: int) -> guest.Target:
                         known_hosts=paths.known_hosts_path(), vm_dir=VMDir(name).path)
 
 
+# -- what a boot leaves for later: vm.list's settings, the VM's OpenSSH files --------------------
+
+NETWORK_OPEN = "open"  # the guest reaches whatever the host reaches (QEMU user networking)
+
+
+def remember_boot(vm: VMDir, record: VMRecord, image_version: str) -> None:
+    """Keep what ``vm.list`` shows once the VM is stopped (the record goes with the process), and
+    write the VM's ssh_config for ``ssh -F`` and ``Include``."""
+    data = {"memory": record.memory, "cpus": record.cpus, "ssh_port": record.ssh_port,
+            "network": getattr(record, "network", "") or NETWORK_OPEN, "image_version": image_version,
+            "booted_at": record.started_at}
+    atomic_write_text(vm.last_boot, json.dumps(data, indent=2, sort_keys=True) + "\n", 0o600)
+    with contextlib.suppress(DevopsError, OSError):  # a convenience: vm.ssh-config reports its errors
+        write_ssh_files(vm, record.ssh_port)
+
+
+def load_last_boot(vm: VMDir) -> dict:
+    """What :func:`remember_boot` kept ({} when the VM never booted or the file is unreadable)."""
+    try:
+        data = json.loads(vm.last_boot.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def ssh_config_text(name: str, port: int) -> str:
+    """The VM's OpenSSH ``Host`` block, trusting only this VM's own host key (its own
+    known_hosts file: a port reused by another VM then fails the host-key check)."""
+    vm = VMDir(name)
+    target = dataclasses.replace(target_for(name, port), known_hosts=vm.ssh_known_hosts)
+    return guest.config_block(name, target, comment=[
+        f"devops-tasks VM '{name}' (rewritten by each boot; the SSH port can change then)",
+        f"Use: ssh -F {vm.ssh_config} {name}   (also scp -F, rsync -e 'ssh -F ...')",
+        "Or put this line near the top of ~/.ssh/config (before any Host line):",
+        include_line(vm.ssh_config),
+    ])
+
+
+def include_line(path: Path) -> str:
+    """The ``Include`` line for ~/.ssh/config that reads ``path``."""
+    text = str(path)
+    return f'Include "{text}"' if any(ch.isspace() for ch in text) else f"Include {text}"
+
+
+def write_ssh_files(vm: VMDir, port: int) -> None:
+    """``ssh_known_hosts`` (this VM's pinned host key lines) and ``ssh_config`` in the VM's folder."""
+    lines = hostkeys.host_key_lines(port)
+    if lines:
+        atomic_write_text(vm.ssh_known_hosts, "".join(line + "\n" for line in lines), 0o600)
+    atomic_write_text(vm.ssh_config, ssh_config_text(vm.name, port), 0o600)
+
+
 # -- boot ---------------------------------------------------------------------------------------
 
 def boot(machine: VM, opts: BootOptions) -> DevStatus:
@@ -156,6 +210,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             record.status = "running"
             vm.save(record)
             make_private(vm.path)  # QEMU's -daemonize sets its own umask (027) for the log it opens
+            remember_boot(vm, record, info.version)
         except BaseException:
             _abort(vm, record)
             raise

@@ -50,11 +50,17 @@ class DevStatus:
 
 @dataclass
 class ShellOptions:
-    """``command`` is a list of words passed to the guest intact; empty means an interactive shell."""
+    """``command`` is a list of words passed to the guest intact; empty means an interactive shell.
+
+    ``mount``: when the current folder is a project (or ``project`` names one), it is mounted at
+    ``/app`` and the shell or command starts there.
+    """
 
     console: bool = False
     command: list[str] = field(default_factory=list)
     forward_agent: bool = True
+    mount: bool = True
+    project: str = ""
 
 
 @dataclass

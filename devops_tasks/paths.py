@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ def go_os(system: str | None = None) -> str:
 
 def go_arch(machine: str | None = None) -> str:
     """This CPU architecture in Go's spelling (``amd64``, ``arm64``)."""
-    machine = machine if machine is not None else platform.machine()
+    if machine is None:  # os.uname is what platform.machine() reads, without importing platform
+        machine = os.uname().machine if hasattr(os, "uname") else __import__("platform").machine()
     return _GO_ARCH.get(machine.lower(), machine.lower())
 
 

@@ -83,6 +83,22 @@ def project_root(project_dir: PathLike) -> Path:
     return path.resolve()
 
 
+# What makes a folder a project for ``inv shell`` (which then mounts it at /app): version control,
+# a tasks.py, this tool's .core/, or a file the test and serve detection reads.
+PROJECT_MARKERS = (".core", ".git", "tasks.py", "pyproject.toml", "pytest.ini", "package.json", "composer.json",
+                   "go.mod", "Taskfile.yaml", "Taskfile.yml", "manage.py", "artisan")
+
+
+def is_project(folder: PathLike, home: PathLike | None = None) -> bool:
+    """Does ``folder`` look like a project? Never the home folder or ``/`` (a dotfiles repository
+    there would otherwise hand the whole home to the VM)."""
+    path = Path(folder).absolute()
+    home_dir = Path(home if home is not None else Path.home()).absolute()
+    if path == home_dir or path == Path(path.anchor):
+        return False
+    return any(os.path.lexists(path / marker) for marker in PROJECT_MARKERS)
+
+
 def test_yaml_path(project_dir: PathLike) -> Path:
     """``<project>/.core/test.yaml``, absolute so error messages point at the real file."""
     return Path(project_dir).absolute() / ".core" / "test.yaml"

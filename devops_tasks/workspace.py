@@ -6,35 +6,85 @@
   ``/app`` over it (:class:`guest.Mount`), and run the command in the guest with its output streamed;
   ``serve`` also forwards ``127.0.0.1:PORT`` to the server for as long as it runs.
 
+``test`` and ``serve`` boot the VM when it is not running (saying so). ``copy`` is ``vm.cp``.
 Each returns the guest command's exit status. Errors are :class:`DevopsError` subclasses.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from . import guest
 from .errors import GuestError
 from .lifecycle import VM
 from .options import ServeOptions, ShellOptions, TestOptions
-from .project import GUEST_APP_DIR, project_root
+from .project import GUEST_APP_DIR, is_project, project_root
 from .signals import INTERRUPTED, stop_as_interrupt
 
 
 def shell(vm: VM, opts: ShellOptions) -> int:
     """An interactive login shell (no command) or ``opts.command`` run with its exit status.
 
-    ``console`` attaches to the serial console instead.
+    In a project (:func:`shell_project`) the project is mounted at ``/app`` for as long as the shell
+    runs (over a Fabric session of its own, confined as for ``test``) and the shell or command
+    starts there. ``console`` attaches to the serial console instead.
     """
     if opts.console:
         if opts.command:
             raise GuestError("--console takes no command (the serial console is interactive)")
         vm.console()
         return 0
+    root = shell_project(opts)
     where = vm.target()
     guest.check_target(where)
-    argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent)
-    return guest.run_foreground(argv)
+    if root is None:
+        argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent)
+        return guest.run_foreground(argv)
+    tty = None if opts.command else guest.stdin_interactive()
+    argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent, tty=tty, cwd=GUEST_APP_DIR)
+    try:
+        with stop_as_interrupt(), guest.session(where) as conn, _shell_mount(conn, root):
+            return guest.run_foreground(argv, terminate_grace=5.0)
+    except KeyboardInterrupt:
+        return INTERRUPTED
+
+
+@contextlib.contextmanager
+def _shell_mount(conn, root: Path):
+    """The project at /app for a shell; a mount that fails says how to get a shell anyway."""
+    mount = guest.Mount(conn, root, GUEST_APP_DIR)
+    try:
+        mount.start()
+    except GuestError as exc:
+        raise GuestError(f"{exc} (inv shell --no-mount gives a shell without it)") from None
+    try:
+        yield mount
+    finally:
+        mount.stop()
+
+
+def shell_project(opts: ShellOptions) -> Path | None:
+    """The folder ``shell`` mounts at ``/app``: ``opts.project``, else the current folder when it
+    is a project (:func:`project.is_project`); None with ``mount`` off or outside a project."""
+    if not opts.mount:
+        if opts.project:
+            raise GuestError("--project and --no-mount contradict each other")
+        return None
+    if opts.project:
+        return project_root(opts.project)
+    here = Path.cwd()
+    return here.resolve() if is_project(here) else None
+
+
+def copy(vm: VM, source: str, dest: str) -> guest.CopyResult:
+    """``vm.cp``: copy a file or folder between this machine and the VM (the VM's side ``:PATH``)."""
+    spec = guest.parse_copy(source, dest)
+    where = vm.target()
+    with guest.session(where) as conn:
+        if spec.to_guest:
+            return guest.copy_to_guest(conn, spec.source, spec.dest)
+        return guest.copy_from_guest(conn, spec.source, spec.dest)
 
 
 def test(vm: VM, project_dir: Path | str, opts: TestOptions) -> int:
@@ -48,6 +98,7 @@ def test(vm: VM, project_dir: Path | str, opts: TestOptions) -> int:
 
     root = project_root(project_dir)
     command, env = resolve_test_command(root, opts.name, opts.command)
+    vm.ensure_running()
     where = vm.target()
     vm.echo(f"Running tests: {command}")
     try:
@@ -74,9 +125,10 @@ def serve(vm: VM, project_dir: Path | str, opts: ServeOptions) -> int:
     port = opts.port
     command = detect_serve_command(root, port)
     workdir = resolve_serve_dir(root, opts.path)
-    where = vm.target()
-    listener = guest.bind_local(port)
+    listener = guest.bind_local(port)  # a taken port fails before a VM is booted for nothing
     try:
+        vm.ensure_running()
+        where = vm.target()
         with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR), \
                 guest.Forward(conn, port, sock=listener):
             listener = None  # the Forward owns it now

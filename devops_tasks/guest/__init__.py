@@ -7,7 +7,9 @@ One concern a module; every public name is re-exported here, so callers write ``
 * :mod:`.commands`: :func:`run` and :func:`capture` run shell commands in the guest; Ctrl-C and
   lost clients end the command's process tree there.
 * :mod:`.openssh`: :func:`ssh_argv`, the same policy for OpenSSH (``shell``, ``claude``), with
-  connection multiplexing, and :func:`run_foreground`.
+  connection multiplexing, :func:`run_foreground`, and :func:`config_block` (that policy as an
+  ssh_config ``Host`` block for ``ssh -F``, scp, rsync and editors).
+* :mod:`.transfer`: :func:`copy_to_guest` and :func:`copy_from_guest` (a tar stream over SSH).
 * :mod:`.sftp_server`: the host's ``sftp-server`` and the bubblewrap sandbox that confines it to
   the project.
 * :mod:`.mount`: :class:`Mount`, a host folder in the guest (reverse SSHFS).
@@ -32,7 +34,8 @@ from .commands import (
 from .connection import CONNECT_TIMEOUT, GUEST_USER, LOOPBACK, Target, agent_socket, check_target, connect, session
 from .forward import Forward, bind_local
 from .mount import GUEST_APP_DIR, MOUNT_TIMEOUT, SSHFS_OPTIONS, Mount, fsname_for, mount_script, unmount_script
-from .openssh import CONTROL_PERSIST, close_master, control_path, run_foreground, ssh_argv, ssh_options
+from .openssh import (CONTROL_PERSIST, close_master, config_block, config_value, control_path, run_foreground,
+                      ssh_argv, ssh_options)
 from .sftp_server import (
     CONFINE_MODES,
     SFTP_SERVER_CANDIDATES,
@@ -42,11 +45,14 @@ from .sftp_server import (
     find_sftp_server,
     sftp_server_command,
 )
+from .transfer import CopyResult, CopySpec, copy_from_guest, copy_to_guest, parse_copy
 
 __all__ = [
     "CONFINE_MODES",
     "CONNECT_TIMEOUT",
     "CONTROL_PERSIST",
+    "CopyResult",
+    "CopySpec",
     "Forward",
     "GUEST_APP_DIR",
     "GUEST_USER",
@@ -62,9 +68,13 @@ __all__ = [
     "capture",
     "check_target",
     "close_master",
+    "config_block",
+    "config_value",
     "confine_mode",
     "connect",
     "control_path",
+    "copy_from_guest",
+    "copy_to_guest",
     "env_exports",
     "find_bwrap",
     "find_sftp_server",
@@ -72,6 +82,7 @@ __all__ = [
     "kill_remote",
     "kill_script",
     "mount_script",
+    "parse_copy",
     "quote_words",
     "run",
     "run_foreground",

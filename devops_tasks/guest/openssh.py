@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -111,23 +112,28 @@ def ssh_argv(
     multiplex: bool = True,
     ssh: str = "ssh",
     connect_timeout: float = CONNECT_TIMEOUT,
+    cwd: str = "",
 ) -> list[str]:
     """The ``ssh`` argv for a login shell (no ``command``) or for running ``command``'s words.
 
     The words are joined with :func:`shlex.join`, so the guest's shell splits them back into
     exactly these words: spaces, quotes, ``$`` and globs arrive as typed. ``tty`` None is ssh's
     own rule (a pty for a login shell on a terminal, none for a command). The agent is forwarded
-    only when asked and a local agent exists.
+    only when asked and a local agent exists. ``cwd``: the command (or the login shell, then
+    ``$SHELL -l``) starts in that guest folder; give ``tty`` then, as there is always a command.
     """
     agent = bool(forward_agent and agent_socket() is not None)
     argv = [ssh, *ssh_options(target, forward_agent=agent, multiplex=multiplex, connect_timeout=connect_timeout)]
+    line = quote_words(command) if command else ""
+    if cwd:
+        line = f"cd {shlex.quote(cwd)} && " + (line or 'exec "${SHELL:-/bin/sh}" -l')
     if tty is True:
-        argv.append("-tt" if command else "-t")
+        argv.append("-tt" if line else "-t")
     elif tty is False:
         argv.append("-T")
     argv.append(f"{target.user}@{target.host}")
-    if command:
-        argv += ["--", quote_words(command)]
+    if line:
+        argv += ["--", line]
     return argv
 
 
@@ -179,3 +185,46 @@ def run_foreground(argv: Sequence[str], terminate_grace: Optional[float] = None,
     if code < 0:  # killed by a signal: the shell's 128+N
         return 128 - code
     return code
+
+
+# -- a config block for other OpenSSH users (ssh -F, scp, rsync, ~/.ssh/config, editors) -------
+
+
+def config_value(value: object) -> str:
+    """A path or word as an ssh_config argument: double-quoted, ``%`` doubled (``IdentityFile``
+    and ``UserKnownHostsFile`` expand ``%`` tokens). A double quote or a line break cannot be
+    written in ssh_config at all: refused."""
+    text = str(value)
+    if any(ch in text for ch in '"\n\r\0'):
+        raise GuestError(f"{text!r} holds a double quote or a line break, which an OpenSSH config "
+                         "cannot hold: use a CORE_HOME without them")
+    return '"' + text.replace("%", "%%") + '"'
+
+
+def config_block(alias: str, target: Target, comment: Sequence[str] = ()) -> str:
+    """An OpenSSH ``Host`` block reaching ``target`` as ``alias`` with the same policy as
+    :func:`ssh_options`: strict host keys from ``target.known_hosts`` only, the tool's key only,
+    no passwords, no agent forwarding (add ``-A`` on the command line for one session)."""
+    if not alias or any(ch.isspace() or ch in '*?!,"#' for ch in alias):
+        raise GuestError(f"{alias!r} cannot be an OpenSSH Host name")
+    lines = [f"# {line}" for line in comment]
+    lines += [
+        f"Host {alias}",
+        f"    HostName {target.host}",
+        f"    Port {int(target.port)}",
+        f"    User {target.user}",
+        f"    IdentityFile {config_value(target.identity)}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {config_value(target.known_hosts)}",
+        "    GlobalKnownHostsFile /dev/null",
+        "    StrictHostKeyChecking yes",
+        "    UpdateHostKeys no",
+        "    CheckHostIP no",
+        "    PasswordAuthentication no",
+        "    KbdInteractiveAuthentication no",
+        "    ForwardAgent no",
+        f"    ConnectTimeout {int(CONNECT_TIMEOUT)}",
+        "    ServerAliveInterval 15",
+        "    LogLevel ERROR",
+    ]
+    return "\n".join(lines) + "\n"

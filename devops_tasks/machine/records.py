@@ -95,6 +95,9 @@ class VMDir:
     host_key = property(lambda self: self.path / "ssh_host_ed25519_key")
     serial_log = property(lambda self: self.path / "serial.log")
     qemu_stderr = property(lambda self: self.path / "qemu.stderr")
+    last_boot = property(lambda self: self.path / "last_boot.json")  # what vm.list shows once stopped
+    ssh_config = property(lambda self: self.path / "ssh_config")  # for ssh -F / Include
+    ssh_known_hosts = property(lambda self: self.path / "ssh_known_hosts")  # this VM's host key only
 
     @property
     def socket_dir(self) -> Path:
@@ -171,6 +174,16 @@ def all_names(root: Path | None = None) -> list[str]:
         return sorted(p.name for p in root.iterdir() if (p / "record.json").is_file() and NAME_RE.match(p.name))
     except FileNotFoundError:
         return []
+
+
+def vm_folders(root: Path | None = None) -> list[str]:
+    """Names of every VM folder, with or without a record (stopped VMs have none)."""
+    root = Path(root if root is not None else paths.vms_dir())
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    return sorted(e.name for e in entries if NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False))
 
 
 # -- liveness ---------------------------------------------------------------------------------

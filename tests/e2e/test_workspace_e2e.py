@@ -67,8 +67,9 @@ class VM:
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     def guest(self, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run a shell script in the guest (through ``devops shell``)."""
-        return self.run(DEVOPS, "shell", "--", "sh", "-c", script, timeout=timeout)
+        """Run a shell script in the guest (through ``devops shell``; this repo is a project, but
+        these look at the guest, so nothing is mounted at /app for them)."""
+        return self.run(DEVOPS, "shell", "--no-mount", "--", "sh", "-c", script, timeout=timeout)
 
     def target(self) -> guest.Target:
         return DevOps().vm.target()
@@ -146,6 +147,8 @@ def test_shell_arguments_arrive_as_typed(vm):
 def test_shell_through_a_project_tasks_py(vm, project):
     result = vm.run(INV, "shell", "--", "printf", "%s|", "a b", "$PWD", cwd=project)
     assert (result.returncode, result.stdout) == (0, "a b|$PWD|"), result.stderr
+    listed = vm.run(INV, "shell", "--", "sh", "-c", 'echo "$PWD"; ls', cwd=project)
+    assert listed.stdout.split("\n", 1)[0] == "/app" and "hello.py" in listed.stdout.split(), listed.stderr
 
 
 def _expect(fd: int, pattern: str, timeout: float, seen: bytearray) -> re.Match:
@@ -190,6 +193,8 @@ def test_interactive_shell_on_a_pseudo_terminal(vm):
     try:
         os.write(fd, b"echo READY$((6*7))\r")
         _expect(fd, r"READY42", 120, seen)
+        os.write(fd, b"echo AT=$PWD; ls /app/tasks.py\r")  # this repo is a project: mounted, started in /app
+        _expect(fd, r"AT=/app\r?\n/app/tasks.py", 30, seen)
         os.write(fd, b"stty size\r")
         _expect(fd, r"30 90", 30, seen)
         _winsize(fd, 40, 120)  # the kernel sends SIGWINCH to ssh, ssh tells the guest

@@ -108,9 +108,18 @@ def test_other_forms_go_to_invoke(argv):
     assert cli.fast_shell_args(argv, {"HOME": "/nonexistent"}) is None
 
 
+def test_shell_flags_on_the_fast_path(tmp_path):
+    env = {"HOME": str(tmp_path)}
+    argv = ["shell", "--name", "x", "--no-agent", "--no-mount", "--project=p q", "--", "ls", "-l"]
+    assert cli.fast_shell_args(argv, env) == cli.FastShell(name="x", words=["ls", "-l"], agent=False, mount=False,
+                                                           project="p q")
+    assert cli.fast_shell_args(["shell", "--project", "dir"], env) == cli.FastShell(project="dir")
+    assert cli.fast_shell_args(["shell", "--project"], env) is None
+
+
 def test_invoke_config_levels_send_the_shell_to_invoke(tmp_path):
     argv = ["shell", "--", "true"]
-    assert cli.fast_shell_args(argv, {"HOME": str(tmp_path)}) == ("", ["true"], True)
+    assert cli.fast_shell_args(argv, {"HOME": str(tmp_path)}) == cli.FastShell(words=["true"])
     assert cli.fast_shell_args(argv, {"HOME": str(tmp_path), "INVOKE_CORE_VM_NAME": "x"}) is None
     (tmp_path / ".invoke.yml").write_text("")
     assert cli.fast_shell_args(argv, {"HOME": str(tmp_path)}) is None

@@ -267,6 +267,13 @@ def test_ssh_argv_forwards_an_existing_agent_only(tmp_path, monkeypatch):
         server.close()
 
 
+def test_ssh_argv_cwd(tmp_path):
+    t = target(tmp_path)
+    assert guest.ssh_argv(t, ["ls", "a b"], cwd="/app it's")[-1] == "cd '/app it'\"'\"'s' && ls 'a b'"
+    argv = guest.ssh_argv(t, cwd="/app", tty=True)
+    assert argv[-1] == 'cd /app && exec "${SHELL:-/bin/sh}" -l' and "-tt" in argv
+
+
 def test_ssh_argv_login_shell_and_tty_choice(tmp_path):
     t = target(tmp_path)
     assert guest.ssh_argv(t)[-1] == "root@127.0.0.1"  # ssh's own rule: a pty on a terminal

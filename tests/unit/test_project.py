@@ -501,3 +501,21 @@ def test_resolve_serve_dir_inside_symlink_ok(tmp_path):
     make(tmp_path, {"public/": None})
     (tmp_path / "www").symlink_to(tmp_path / "public")
     assert resolve_serve_dir(tmp_path, "www") == "/app/www"
+
+
+def test_is_project(tmp_path):
+    from devops_tasks.project import PROJECT_MARKERS, is_project
+
+    home = tmp_path / "someone"
+    home.mkdir()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert not is_project(plain, home=home)
+    for marker in PROJECT_MARKERS:
+        folder = tmp_path / f"p-{marker}"
+        folder.mkdir()
+        (folder / marker).mkdir() if marker in (".core", ".git") else (folder / marker).write_text("")
+        assert is_project(folder, home=home), marker
+    (home / ".git").mkdir()  # a dotfiles repository does not make the home folder a project
+    assert not is_project(home, home=home)
+    assert not is_project("/", home=home)

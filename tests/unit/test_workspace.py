@@ -40,6 +40,8 @@ def fake(monkeypatch, tmp_path):
     key.write_text("k")
     where = guest.Target(port=40022, identity=key, known_hosts=key)
     monkeypatch.setattr(VM, "target", lambda self: where)
+    monkeypatch.setattr(VM, "is_running", lambda self: True)
+    monkeypatch.chdir(tmp_path)  # not a project: ``shell`` mounts nothing unless a test says so
 
     @contextlib.contextmanager
     def session(target, forward_agent=False):
@@ -51,13 +53,22 @@ def fake(monkeypatch, tmp_path):
 
     class Mount:
         def __init__(self, conn, host_dir, guest_dir="/app", **kw):
-            rec.calls.append(("mount", Path(host_dir), guest_dir))
+            self.where = (Path(host_dir), guest_dir)
+
+        def start(self):
+            if getattr(rec, "mount_error", None):
+                raise rec.mount_error
+            rec.calls.append(("mount", *self.where))
+
+        def stop(self):
+            rec.calls.append(("unmount",))
 
         def __enter__(self):
+            self.start()
             return self
 
         def __exit__(self, *exc):
-            rec.calls.append(("unmount",))
+            self.stop()
 
     class Forward:
         def __init__(self, conn, port, sock=None, **kw):
@@ -77,8 +88,10 @@ def fake(monkeypatch, tmp_path):
             raise rec.status
         return rec.status
 
-    def run_foreground(argv):
+    def run_foreground(argv, terminate_grace=None):
         rec.calls.append(("ssh", argv))
+        if isinstance(rec.status, BaseException):
+            raise rec.status
         return rec.status
 
     monkeypatch.setattr(guest, "session", session)
@@ -113,10 +126,39 @@ def pytest_project(tmp_path: Path, test_yaml: str = "") -> Path:
 def test_not_running_is_a_clear_error(dev, tmp_path):
     with pytest.raises(NotRunningError, match=r"dev environment not running \(run 'inv vm.boot' first\)"):
         dev.shell(ShellOptions(command=["true"]))
-    with pytest.raises(NotRunningError, match="not running"):
-        dev.test(pytest_project(tmp_path))
-    with pytest.raises(NotRunningError, match="not running"):
-        dev.serve(tmp_path, ServeOptions(port=0 + 8000))
+
+
+def test_test_and_serve_boot_a_stopped_vm_saying_so(dev, fake, tmp_path, monkeypatch):
+    booted = []
+    monkeypatch.setattr(VM, "is_running", lambda self: bool(booted))
+    monkeypatch.setattr(VM, "boot", lambda self, opts=None: booted.append(self.name))
+    assert dev.test(pytest_project(tmp_path)) == 0
+    assert booted == ["core-dev"]
+    assert dev.lines[0] == "Dev environment not running, booting..."
+    assert fake.calls[0] == ("session", 40022)  # booted before anything touched the guest
+    booted.clear()
+    dev.lines.clear()
+    port = free_local_port()
+    assert dev.serve(tmp_path, ServeOptions(port=port)) == 0
+    assert booted == ["core-dev"] and dev.lines[0] == "Dev environment not running, booting..."
+
+
+def test_serve_checks_its_port_before_booting(dev, fake, tmp_path, monkeypatch):
+    booted = []
+    monkeypatch.setattr(VM, "is_running", lambda self: False)
+    monkeypatch.setattr(VM, "boot", lambda self, opts=None: booted.append(self.name))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(GuestError):
+            dev.serve(tmp_path, ServeOptions(port=taken.getsockname()[1]))
+    assert booted == []
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("program", ["inv", "devops"])
@@ -154,6 +196,60 @@ def test_shell_console_goes_to_the_serial_console(dev, fake, monkeypatch):
     assert seen == ["core-dev"] and fake.calls == []
     with pytest.raises(GuestError, match="no command"):
         dev.shell(ShellOptions(console=True, command=["ls"]))
+
+
+def test_shell_in_a_project_mounts_it_and_starts_in_app(dev, fake, tmp_path, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    root = pytest_project(tmp_path)
+    monkeypatch.chdir(root)
+    fake.status = 4
+    assert dev.shell(ShellOptions(command=["printf", "%s", "a b"])) == 4
+    assert fake.calls[:2] == [("session", 40022), ("mount", root.resolve(), "/app")]
+    assert fake.calls[3:] == [("unmount",), ("closed",)]
+    argv = fake.calls[2][1]
+    assert argv[-3:] == ["root@127.0.0.1", "--", "cd /app && printf %s 'a b'"]
+    assert "-t" not in argv and "-tt" not in argv  # a command gets no pty, as with plain ssh
+
+
+def test_shell_login_shell_in_a_project(dev, fake, tmp_path, monkeypatch):
+    root = pytest_project(tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(guest, "stdin_interactive", lambda: True)
+    dev.shell(ShellOptions())
+    argv = fake.calls[2][1]
+    assert argv[-2:] == ["--", 'cd /app && exec "${SHELL:-/bin/sh}" -l'] and "-tt" in argv
+
+
+def test_shell_mount_choices(dev, fake, tmp_path, monkeypatch):
+    root = pytest_project(tmp_path)
+    monkeypatch.chdir(root)
+    dev.shell(ShellOptions(command=["pwd"], mount=False))
+    assert [call[0] for call in fake.calls] == ["ssh"] and fake.calls[0][1][-1] == "pwd"
+    fake.calls.clear()
+    elsewhere = tmp_path / "plain"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    dev.shell(ShellOptions(command=["pwd"], project=str(root)))
+    assert fake.calls[1] == ("mount", root.resolve(), "/app")
+    with pytest.raises(GuestError, match="contradict"):
+        dev.shell(ShellOptions(command=["pwd"], project=str(root), mount=False))
+    with pytest.raises(ProjectError, match="does not exist"):
+        dev.shell(ShellOptions(command=["pwd"], project=str(tmp_path / "missing")))
+
+
+def test_shell_mount_failure_says_how_to_get_a_shell(dev, fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(pytest_project(tmp_path))
+    fake.mount_error = GuestError("/app in the VM already holds a live mount of another folder")
+    with pytest.raises(GuestError, match=r"another folder \(inv shell --no-mount gives a shell without it\)$"):
+        dev.shell(ShellOptions(command=["pwd"]))
+    assert [call[0] for call in fake.calls] == ["session", "closed"]  # no ssh ran
+
+
+def test_shell_ctrl_c_or_sigterm_unmounts(dev, fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(pytest_project(tmp_path))
+    fake.status = KeyboardInterrupt()
+    assert dev.shell(ShellOptions(command=["sleep", "99"])) == 130
+    assert fake.calls[-2:] == [("unmount",), ("closed",)]
 
 
 # --------------------------------------------------------------------------- test
