@@ -1,7 +1,7 @@
 """vm.cp's tar-over-SSH copy against a *local* stand-in for the guest (its commands run under the
 local ``sh``, with GNU tar and with busybox tar), and the host's writer against hostile tar streams.
 
-The same copies run against the real guest in tests/e2e/test_vm_ops.py.
+The same copies run against the real guest in tests/e2e/test_vm_ops_e2e.py.
 """
 
 from __future__ import annotations
