@@ -12,8 +12,16 @@ import yaml
 
 from . import paths
 from .errors import ConfigError
+from .machine.qemu import NETWORK_MODES
 
 VALID_SOURCES = ("auto", "github", "cdn", "registry", "build")
+# Where a restricted VM's claude may go through the host proxy (config claude.allow; --allow adds)
+DEFAULT_ALLOW = [
+    "api.anthropic.com",
+    "pypi.org", "files.pythonhosted.org",
+    "registry.npmjs.org",
+    "github.com", "*.github.com", "*.githubusercontent.com",
+]
 
 DEFAULTS: dict[str, Any] = {
     "version": 1,
@@ -32,6 +40,11 @@ DEFAULTS: dict[str, Any] = {
         "ssh_port": 2222,
         "accel": "",
         "boot_timeout": 120,
+        "network": "open",
+    },
+    "claude": {
+        "allow": DEFAULT_ALLOW,
+        "api_url": "https://api.anthropic.com",
     },
 }
 
@@ -78,6 +91,7 @@ class VMConfig:
     ssh_port: int = DEFAULTS["vm"]["ssh_port"]
     accel: str = DEFAULTS["vm"]["accel"]
     boot_timeout: float = DEFAULTS["vm"]["boot_timeout"]
+    network: str = DEFAULTS["vm"]["network"]  # open | restricted
 
     def check(self, origin: str) -> None:
         """Values a VM cannot start with are errors naming ``origin`` and the key."""
@@ -88,6 +102,46 @@ class VMConfig:
                 raise ConfigError(f"{origin}: vm.{key}: must be positive, not {getattr(self, key)}")
         if self.boot_timeout <= 0:
             raise ConfigError(f"{origin}: vm.boot_timeout: must be positive, not {self.boot_timeout}")
+        check_network_mode(self.network, f"{origin}: vm.network")
+
+
+def check_network_mode(mode: str, where: str) -> str:
+    """``open`` or ``restricted``; anything else is an error naming ``where``."""
+    if mode not in NETWORK_MODES:
+        raise ConfigError(f"{where}: unknown network mode {mode!r} (valid: {', '.join(NETWORK_MODES)})")
+    return mode
+
+
+@dataclass
+class ClaudeConfig:
+    """The restricted network of ``inv claude``: where the host proxy lets the VM go, and where its
+    API endpoint forwards (adding the credentials the VM never sees)."""
+
+    allow: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOW))
+    api_url: str = DEFAULTS["claude"]["api_url"]
+
+    def check(self, origin: str) -> None:
+        from .proxy.allowlist import AllowlistError, parse_entry
+        from .proxy.upstream import Upstream
+
+        for entry in self.allow:
+            try:
+                parse_entry(entry)
+            except AllowlistError as exc:
+                raise ConfigError(f"{origin}: claude.allow: {exc}") from None
+        try:
+            Upstream.from_url(self.api_url)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: claude.api_url: {exc}") from None
+
+
+def _word_list(value: Any, where: str) -> list[str]:
+    """A YAML list of strings, or one string of comma/space separated words (an ``INVOKE_CORE_*`` variable)."""
+    if isinstance(value, str):
+        return [word for word in value.replace(",", " ").split() if word]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, (str, int)) for item in value):
+        return [str(item).strip() for item in value if str(item).strip()]
+    raise ConfigError(f"{where}: expected a list of host[:port] entries, got {value!r}")
 
 
 @dataclass
@@ -95,6 +149,7 @@ class Config:
     version: int = 1
     images: ImagesConfig = field(default_factory=ImagesConfig)
     vm: VMConfig = field(default_factory=VMConfig)
+    claude: ClaudeConfig = field(default_factory=ClaudeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +161,7 @@ class Config:
         merged = merge(DEFAULTS, _known(data, DEFAULTS))
         images = merged["images"]
         vm = merged["vm"]
+        claude = merged["claude"]
         source = str(images["source"]).strip().lower()
         if source not in VALID_SOURCES:
             raise ConfigError(
@@ -130,11 +186,17 @@ class Config:
                     ssh_port=int(vm["ssh_port"]),
                     accel=str(vm["accel"] or ""),
                     boot_timeout=float(vm["boot_timeout"]),
+                    network=str(vm["network"] or "").strip().lower(),
+                ),
+                claude=ClaudeConfig(
+                    allow=_word_list(claude["allow"], f"{origin}: claude.allow"),
+                    api_url=str(claude["api_url"] or ""),
                 ),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{origin}: invalid value: {exc}") from exc
         config.vm.check(origin)
+        config.claude.check(origin)
         return config
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import guest, hostkeys, paths
-from .config import Config, default_config, env_float
+from .config import Config, check_network_mode, default_config, env_float
 from .errors import DevopsError, NotRunningError, VMError
 from .fsutil import atomic_write_text, file_lock
 from .machine import disk, process
 from .machine.ports import pick_port
 from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_argv, detect_accel,
-                           image_arch, qemu_binary)
+                           image_arch, qemu_binary, socat_binary)
 from .clock import format_time, now_utc
 from .machine.records import VMDir, VMRecord, all_names, is_alive, make_private
 from .manifest import Manifest
@@ -75,11 +75,17 @@ class VM:
             raise VMError(f"these boot options are for VM '{opts.name}', not '{self.name}'")
         return boot(self, opts)
 
-    def ensure_running(self) -> None:
-        """Boot the VM when it is not running, saying so."""
+    def ensure_running(self, network: str = "") -> None:
+        """Boot the VM when it is not running, saying so (``network``: its mode, "" = configured)."""
         if not self.is_running():
             self.echo("Dev environment not running, booting...")
-            self.boot()
+            self.boot(BootOptions(memory=self.config.vm.memory, cpus=self.config.vm.cpus, name=self.name,
+                                  network=network))
+
+    def network(self) -> str:
+        """The running VM's network mode (``open`` or ``restricted``); "" when it is not running."""
+        record = live_record(self.name)
+        return record.network if record is not None else ""
 
     def stop(self) -> bool:
         """Stop the VM; False when it was not running."""
@@ -171,6 +177,7 @@ def write_ssh_files(vm: VMDir, port: int) -> None:
 
 def boot(machine: VM, opts: BootOptions) -> DevStatus:
     name = machine.name
+    network = check_network_mode(opts.network or machine.config.vm.network, "--network")
     vm = VMDir(name)
     image = paths.image_path()
     info = Manifest.load().get(paths.image_name())
@@ -181,6 +188,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
     binary = qemu_binary(arch)
     accel = detect_accel(arch, accel_override(machine.config.vm.accel))
     timeout = env_float("CORE_BOOT_TIMEOUT", machine.config.vm.boot_timeout)
+    socat = socat_binary() if network == "restricted" else ""
     vm.ensure()
     with stop_as_interrupt(), vm.locked():
         old = vm.load()
@@ -196,6 +204,8 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             if old is not None:
                 hostkeys.forget_host(old.ssh_port)
         machine.echo(f"Config: {opts.memory}MB, {opts.cpus} CPUs")
+        if network == "restricted":
+            machine.echo("Network: restricted (no way out but the host proxy of inv claude)")
         machine.echo("Booting dev environment...")
         if disk.prepare(vm, image, info):
             machine.echo("The installed image changed since this VM's disk was made: starting from a fresh disk")
@@ -205,7 +215,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
         record = None
         try:
             record = _start(vm, opts, machine.config.vm.ssh_port, image, binary, arch, accel, contract,
-                            host_key, login_key)
+                            host_key, login_key, network, socat)
             _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
@@ -221,7 +231,8 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
 
 
 def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary: str, arch: str,
-           accel: str, contract: bool, host_key: Path, login_key: Path) -> VMRecord:
+           accel: str, contract: bool, host_key: Path, login_key: Path, network: str = "open",
+           socat: str = "") -> VMRecord:
     """Choose the port and start QEMU under the ports lock, so two boots never pick the same port."""
     with file_lock(paths.vms_dir() / ".ports.lock"):
         port = pick_port(opts.ssh_port, default_port, reserved=_ports_in_use(except_name=vm.name))
@@ -231,6 +242,8 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
             serial_log=vm.serial_log, ssh_port=port, host_key=host_key,
             authorized_keys=Path(str(login_key) + ".pub"),
             firmware=aarch64_firmware() if arch == "arm64" else None,
+            network=network, proxy_socket=vm.proxy_socket if network == "restricted" else None,
+            socat=socat or "socat",
         )
         if contract:
             hostkeys.pin_host_key(port, host_key)
@@ -244,7 +257,8 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
                 ports={"ssh": port}, status="starting", accel=accel, binary=binary,
                 pidfile=str(vm.pidfile), qmp_socket=str(vm.qmp_socket),
                 serial_socket=str(vm.serial_socket), serial_log=str(vm.serial_log),
-                guest_contract=int(contract),
+                guest_contract=int(contract), network=network,
+                proxy_socket=str(vm.proxy_socket) if network == "restricted" else "",
             )
             vm.save(record)
         except BaseException:
@@ -445,6 +459,7 @@ def _status_from(record: VMRecord, installed: bool, version: str) -> DevStatus:
         installed=installed, running=record.status == "running", image_version=version,
         container_id=record.id, memory=record.memory, cpus=record.cpus, ssh_port=record.ssh_port,
         uptime=timedelta(seconds=int(record.uptime_seconds())), name=record.name,
+        network=record.network or "open",
     )
 
 

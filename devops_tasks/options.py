@@ -17,13 +17,16 @@ DEFAULT_SSH_PORT: int = DEFAULTS["vm"]["ssh_port"]
 @dataclass
 class BootOptions:
     """``memory`` in MB. ``ssh_port`` None means the configured port (2222), or the next free
-    port when that is taken; a number means exactly that port (1 to 65535)."""
+    port when that is taken; a number means exactly that port (1 to 65535). ``network`` "" means the
+    configured mode (``vm.network``, ``open``); ``restricted`` lets the guest out only through the
+    host proxy of ``inv claude``."""
 
     memory: int = DEFAULT_MEMORY
     cpus: int = DEFAULT_CPUS
     name: str = DEFAULT_NAME
     fresh: bool = False
     ssh_port: int | None = None
+    network: str = ""
 
 
 def default_boot_options() -> BootOptions:
@@ -41,6 +44,7 @@ class DevStatus:
     ssh_port: int = DEFAULT_SSH_PORT
     uptime: timedelta = timedelta(0)
     name: str = DEFAULT_NAME
+    network: str = ""  # open | restricted while it runs, "" when stopped
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,7 +87,10 @@ class ServeOptions:
 class ClaudeOptions:
     """``auth`` empty means all kinds; ``no_auth`` forwards nothing, the SSH agent included.
     ``args`` are claude's own words (``-p "..."``), passed intact; ``timeout`` (seconds) ends the
-    run from the host; ``notify`` is a host command run when it ends (``$CLAUDE_EXIT_STATUS``)."""
+    run from the host; ``notify`` is a host command run when it ends (``$CLAUDE_EXIT_STATUS``).
+    ``network`` "" (or ``restricted``) runs claude only on a restricted VM, booting it so when it is
+    not running; ``open`` also accepts a VM with open networking. ``allow``: ``host[:port]`` entries
+    added to config ``claude.allow`` for this run."""
 
     no_auth: bool = False
     auth: list[str] = field(default_factory=list)
@@ -91,3 +98,5 @@ class ClaudeOptions:
     args: list[str] = field(default_factory=list)
     timeout: float | None = None
     notify: str = ""
+    network: str = ""
+    allow: list[str] = field(default_factory=list)

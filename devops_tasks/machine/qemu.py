@@ -2,11 +2,18 @@
 
 Kept pure so the exact argument list is unit-tested: it must start, create the console socket,
 use the binary of the image's architecture, and forward SSH on 127.0.0.1 only.
+
+Networking is QEMU's user mode, ``open`` (the guest reaches what the host reaches) or ``restricted``
+(``restrict=on``: no connection out, not even to the host's loopback; only the SSH forward and one
+way out, ``10.0.2.100:3128`` (:data:`GUEST_PROXY_URL`), which QEMU hands to ``socat``
+connecting to a unix socket in the VM's folder where the host proxy listens while it runs). The
+boundary is QEMU's, so root in the guest cannot undo it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +22,13 @@ from .. import paths
 from ..errors import VMError
 
 FW_CFG_VENDOR = "opt/devops-tasks"
+NETWORK_MODES = ("open", "restricted")
+# The address a restricted guest reaches the host proxy at (guestfwd: only this one connects out).
+GUEST_PROXY_HOST = "10.0.2.100"
+GUEST_PROXY_PORT = 3128
+GUEST_PROXY_URL = f"http://{GUEST_PROXY_HOST}:{GUEST_PROXY_PORT}"
+# QEMU runs a guestfwd command through shell-style parsing: only paths made of these characters go in.
+_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9/._+-]+$")
 ACCELS = ("kvm", "hvf", "tcg")
 
 _BINARIES = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
@@ -56,6 +70,9 @@ class MachineSpec:
     authorized_keys: Path | None = None  # guest contract: the tool's login public key
     firmware: Path | None = None  # arm64 UEFI code
     forwards: tuple[tuple[int, int], ...] = field(default=())  # extra (host, guest) TCP forwards
+    network: str = "open"  # open | restricted
+    proxy_socket: Path | None = None  # restricted: the host proxy's unix socket
+    socat: str = "socat"  # restricted: the absolute path of socat
 
 
 def accel_args(accel: str, arch: str) -> list[str]:
@@ -89,15 +106,50 @@ def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
         "-serial", "chardev:s0",
         "-drive", f"file={opt_value(spec.disk)},if=virtio,format=qcow2",
     ]
-    forwards = [(spec.ssh_port, 22), *spec.forwards]
-    hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{int(h)}-:{int(g)}" for h, g in forwards)
-    argv += ["-netdev", f"user,id=n0,{hostfwd}", "-device", "virtio-net-pci,netdev=n0"]
+    argv += ["-netdev", netdev_option(spec), "-device", "virtio-net-pci,netdev=n0"]
     argv += ["-device", "virtio-rng-pci"]
     if spec.host_key:
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/ssh_host_ed25519_key,file={opt_value(spec.host_key)}"]
     if spec.authorized_keys:
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/authorized_keys,file={opt_value(spec.authorized_keys)}"]
+    if spec.network == "restricted":  # the guest exports it to login shells (HTTP_PROXY ...)
+        argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/proxy,string={GUEST_PROXY_URL}"]
     return argv
+
+
+def netdev_option(spec: MachineSpec) -> str:
+    """``-netdev user,...``: the SSH and extra forwards on 127.0.0.1; restricted adds ``restrict=on``
+    and the one guestfwd to the proxy socket."""
+    if spec.network not in NETWORK_MODES:
+        raise VMError(f"unknown network mode {spec.network!r} (valid: {', '.join(NETWORK_MODES)})")
+    forwards = [(spec.ssh_port, 22), *spec.forwards]
+    parts = ["user", "id=n0"]
+    if spec.network == "restricted":
+        parts.append("restrict=on")
+    parts += [f"hostfwd=tcp:127.0.0.1:{int(h)}-:{int(g)}" for h, g in forwards]
+    if spec.network == "restricted":
+        if spec.proxy_socket is None:
+            raise VMError("a restricted VM needs the proxy socket's path")
+        for what, path in (("proxy socket", str(spec.proxy_socket)), ("socat", spec.socat)):
+            if not _PLAIN_PATH.match(path):
+                raise VMError(f"the {what} path {path!r} has characters QEMU's guestfwd cannot take "
+                              "(letters, digits and / . _ + - only): set CORE_HOME or TMPDIR to a plain path")
+        parts.append(f"guestfwd=tcp:{GUEST_PROXY_HOST}:{GUEST_PROXY_PORT}-cmd:{spec.socat} - "
+                     f"UNIX-CONNECT:{spec.proxy_socket}")
+    return ",".join(parts)
+
+
+def plain_path(path: Path | str) -> bool:
+    """Can ``path`` go into the guestfwd command as is?"""
+    return bool(_PLAIN_PATH.match(str(path)))
+
+
+def socat_binary() -> str:
+    """Absolute path of socat (it carries a restricted guest's connections to the proxy socket)."""
+    found = shutil.which("socat")
+    if not found:
+        raise VMError("socat not found: a restricted VM needs it (apt-get install socat; brew install socat)")
+    return found
 
 
 def image_arch(image: Path | str) -> str:
@@ -199,4 +251,8 @@ __all__ = [
     "image_arch",
     "aarch64_firmware",
     "opt_value",
+    "netdev_option",
+    "socat_binary",
+    "NETWORK_MODES",
+    "GUEST_PROXY_URL",
 ]

@@ -25,6 +25,7 @@ from .. import paths
 from ..clock import now_utc, parse_time
 from ..errors import VMError
 from ..fsutil import atomic_write_text, file_lock, try_file_lock
+from .qemu import plain_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # sockaddr_un.sun_path is 108 bytes on Linux, 104 on macOS: keep a margin.
@@ -54,6 +55,8 @@ class VMRecord:
     serial_socket: str = ""
     serial_log: str = ""
     guest_contract: int = 0
+    network: str = "open"  # open | restricted (a record from before network modes: open)
+    proxy_socket: str = ""  # restricted: where QEMU's guestfwd connects (the host proxy listens there)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -98,10 +101,13 @@ class VMDir:
     last_boot = property(lambda self: self.path / "last_boot.json")  # what vm.list shows once stopped
     ssh_config = property(lambda self: self.path / "ssh_config")  # for ssh -F / Include
     ssh_known_hosts = property(lambda self: self.path / "ssh_known_hosts")  # this VM's host key only
+    proxy_log = property(lambda self: self.path / "proxy.log")
 
     @property
     def socket_dir(self) -> Path:
-        if len(str(self.path / "serial.sock")) <= MAX_SOCKET_PATH:
+        """The VM folder, unless its path is too long for a socket address or holds characters a
+        QEMU guestfwd command cannot take (see ``qemu.plain_path``)."""
+        if len(str(self.path / "serial.sock")) <= MAX_SOCKET_PATH and plain_path(self.path):
             return self.path
         digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:16]
         uid = os.getuid() if hasattr(os, "getuid") else 0
@@ -109,6 +115,7 @@ class VMDir:
 
     qmp_socket = property(lambda self: self.socket_dir / "qmp.sock")
     serial_socket = property(lambda self: self.socket_dir / "serial.sock")
+    proxy_socket = property(lambda self: self.socket_dir / "proxy.sock")
 
     def ensure(self) -> None:
         """The VM's folder, private to this user (0700, its files 0600: the serial log holds root's
@@ -152,7 +159,7 @@ class VMDir:
 
     def clear(self) -> None:
         """Forget the running VM: record, pidfile and sockets (the disk, key and log stay)."""
-        for path in (self.record, self.pidfile, self.qmp_socket, self.serial_socket):
+        for path in (self.record, self.pidfile, self.qmp_socket, self.serial_socket, self.proxy_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

@@ -33,8 +33,10 @@ def _int(flag: str, value) -> int | None:
     "name": NAME_HELP,
     "fresh": "stop it if running and start from a clean disk (discards changes and the old host key)",
     "port": "host SSH port on 127.0.0.1 (must be free; default: core.vm.ssh_port 2222 or the next free one)",
+    "network": "open (the guest reaches what the host reaches) or restricted (nothing but the host proxy "
+               "of inv claude); default: core.vm.network, open",
 })
-def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None):
+def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None, network=None):
     """Boot the dev VM and wait until it accepts SSH."""
     d = devops(c, name)
     opts = BootOptions(
@@ -43,6 +45,7 @@ def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None):
         name=d.name,
         fresh=bool(fresh),
         ssh_port=_int("port", port),
+        network=(network or "").strip().lower(),
     )
     d.boot(opts)
 
@@ -78,6 +81,7 @@ def status_lines(st: DevStatus) -> list[str]:
             f"Memory: {st.memory}MB",
             f"CPUs: {st.cpus}",
             f"SSH port: {st.ssh_port}",
+            f"Network: {st.network or 'open'}",
             f"Uptime: {format_uptime(st.uptime.total_seconds())}",
         ]
     return lines

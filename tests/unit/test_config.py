@@ -133,3 +133,31 @@ def test_vm_values_a_vm_cannot_use_name_file_and_key(text, message):
     path = write_config(text)
     with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
         load_config()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("vm:\n  network: closed\n", r"vm.network: unknown network mode 'closed' \(valid: open, restricted\)"),
+    ("claude:\n  allow: [pypi.org, 'evil example']\n",
+     r"claude.allow: allowlist entry 'evil example' is not host, \*.domain or host:port"),
+    ("claude:\n  allow: ['*.com']\n", r"claude.allow: allowlist entry '\*.com' is not"),
+    ("claude:\n  allow: ['host:70000']\n", r"claude.allow: allowlist entry 'host:70000' is not"),
+    ("claude:\n  allow: {a: 1}\n", r"claude.allow: expected a list of host\[:port\] entries"),
+    ("claude:\n  api_url: ftp://example.com\n", r"claude.api_url: 'ftp://example.com' is not an http"),
+])
+def test_network_values_name_file_and_key(text, message):
+    path = write_config(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+        load_config()
+
+
+def test_network_defaults_and_values():
+    cfg = default_config()
+    assert cfg.vm.network == "open"
+    assert "api.anthropic.com" in cfg.claude.allow and "*.github.com" in cfg.claude.allow
+    assert cfg.claude.api_url == "https://api.anthropic.com"
+    write_config("vm:\n  network: Restricted\nclaude:\n  allow: [pypi.org, '127.0.0.1:8080']\n")
+    cfg = load_config()
+    assert cfg.vm.network == "restricted" and cfg.claude.allow == ["pypi.org", "127.0.0.1:8080"]
+    # an INVOKE_CORE_CLAUDE_ALLOW variable is one string
+    assert Config.from_dict({"claude": {"allow": "a.example, b.example:8443"}}).claude.allow == \
+        ["a.example", "b.example:8443"]

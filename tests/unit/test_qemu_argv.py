@@ -138,3 +138,32 @@ def test_binary_by_arch(monkeypatch):
     assert qemu_binary("arm64") == "/bin/qemu-system-aarch64"
     with pytest.raises(VMError, match="unsupported"):
         qemu_binary("riscv64")
+
+
+def test_restricted_network_is_restrict_on_plus_one_guestfwd_to_the_proxy_socket():
+    argv = build_argv(spec(network="restricted", proxy_socket=D / "proxy.sock", socat="/usr/bin/socat"))
+    assert argv[argv.index("-netdev") + 1] == (
+        "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22,"
+        "guestfwd=tcp:10.0.2.100:3128-cmd:/usr/bin/socat - UNIX-CONNECT:/v/core-dev/proxy.sock"
+    )
+    assert argv[-2:] == ["-fw_cfg", "name=opt/devops-tasks/proxy,string=http://10.0.2.100:3128"]
+
+
+def test_open_network_has_no_restriction_and_no_proxy():
+    argv = build_argv(spec())
+    assert "restrict" not in " ".join(argv) and "guestfwd" not in " ".join(argv)
+    assert "name=opt/devops-tasks/proxy" not in " ".join(argv)
+
+
+@pytest.mark.parametrize("path", ["/v/my vms/proxy.sock", "/v/a,b/proxy.sock", "/v/$(id)/proxy.sock",
+                                  "/v/a;b/proxy.sock", "/v/a:b/proxy.sock", "relative/proxy.sock"])
+def test_the_guestfwd_command_takes_plain_paths_only(path):
+    with pytest.raises(VMError, match="characters QEMU's guestfwd cannot take"):
+        build_argv(spec(network="restricted", proxy_socket=Path(path), socat="/usr/bin/socat"))
+    with pytest.raises(VMError, match="socat path"):
+        build_argv(spec(network="restricted", proxy_socket=D / "proxy.sock", socat="/opt/my tools/socat"))
+
+
+def test_unknown_network_mode_is_an_error():
+    with pytest.raises(VMError, match="unknown network mode 'closed'"):
+        build_argv(spec(network="closed"))

@@ -284,11 +284,13 @@ def test_format_uptime(seconds, text):
 
 def test_status_lines():
     running = DevStatus(installed=True, running=True, image_version="v1.2.0", container_id="0a1b2c3d",
-                        memory=4096, cpus=2, ssh_port=2222, uptime=timedelta(seconds=125))
+                        memory=4096, cpus=2, ssh_port=2222, uptime=timedelta(seconds=125), network="restricted")
     assert vm_tasks.status_lines(running) == [
         "Dev Environment Status", "Installed: Yes", "Version: v1.2.0", "Status: Running",
-        "Container: 0a1b2c3d", "Memory: 4096MB", "CPUs: 2", "SSH port: 2222", "Uptime: 2m",
+        "Container: 0a1b2c3d", "Memory: 4096MB", "CPUs: 2", "SSH port: 2222", "Network: restricted",
+        "Uptime: 2m",
     ]
+    assert running.to_dict()["network"] == "restricted"
     assert vm_tasks.status_lines(DevStatus()) == ["Dev Environment Status", "Installed: No", "Status: Stopped"]
 
 
@@ -343,3 +345,18 @@ def test_what_qemu_creates_in_the_vm_folder_is_private(tmp_path):
     script = f"echo $$ > {pidfile}; echo hi > {made}"
     process.start(["sh", "-c", script], pidfile, tmp_path / "stderr")
     assert made.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_path_the_guestfwd_command_cannot_take_moves_sockets_to_a_plain_dir(tmp_path, short_tmp):
+    vm = VMDir("core-dev", root=tmp_path / "my vms")
+    assert vm.socket_dir != vm.path and " " not in str(vm.proxy_socket)
+    assert vm.proxy_socket.name == "proxy.sock" and vm.proxy_log == vm.path / "proxy.log"
+
+
+def test_a_record_from_before_network_modes_is_open(tmp_path):
+    vm = VMDir("old", root=tmp_path)
+    vm.path.mkdir()
+    data = json.loads(make_record(vm, 1, "1").to_json())
+    del data["network"], data["proxy_socket"]
+    vm.record.write_text(json.dumps(data))
+    assert vm.load().network == "open"
