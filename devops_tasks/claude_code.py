@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-from . import guest
+from . import egress, guest
 from .errors import DevopsError, GuestError
 from .fsutil import try_file_lock
 from .lifecycle import VM
@@ -400,6 +400,7 @@ def claude(
     Boots the VM when it is not running. Returns claude's exit status.
     """
     kinds = resolve_auth(opts)  # bad input fails before anything starts
+    network = egress.check(vm, opts)  # restricted only, unless --network open
     root = project_root(project_dir)
     # The agent must not reach the host's files through the mount: no sandboxed sftp-server, no
     # claude (unless CORE_MOUNT_CONFINE=off), said before a VM is booted for nothing.
@@ -407,7 +408,7 @@ def claude(
     environ = os.environ if environ is None else environ
     home = Path(environ.get("HOME") or Path.home()) if home is None else Path(home)
     reader = git_config_reader or (lambda key: host_git_config(key, cwd=root))
-    vm.ensure_running()
+    vm.ensure_running(network=network)
     creds = gather_credentials(kinds, environ, home, reader)
     where = vm.target()
     guest.check_target(where)
@@ -420,7 +421,8 @@ def claude(
 def run_in_vm(vm: VM, root: Path, opts: ClaudeOptions, creds: Credentials, where: guest.Target, tty: bool) -> int:
     """The run itself: prepare the guest, mount, hand over the credentials, run claude, clean up."""
     try:
-        with stop_as_interrupt(), one_session(vm), guest.session(where) as conn:
+        with stop_as_interrupt(), one_session(vm), egress.proxy(vm, opts, creds.env) as net, \
+                guest.session(where) as conn:
             try:
                 code, _, _ = guest.capture(conn, prepare_script(), timeout=30)
                 if code == NOT_INSTALLED_STATUS:
@@ -430,9 +432,10 @@ def run_in_vm(vm: VM, root: Path, opts: ClaudeOptions, creds: Credentials, where
                 with guest.Mount(conn, root, GUEST_APP_DIR, confine=MOUNT_CONFINE):
                     if creds.gh_tar:
                         install_gh(conn, creds.gh_tar)
-                    env_file = new_env_file() if creds.env else ""
+                    env = net.guest_env(creds.env)  # restricted: placeholders, the proxy adds the secrets
+                    env_file = new_env_file() if env else ""
                     if env_file:
-                        install_env(conn, creds.env, env_file)
+                        install_env(conn, env, env_file)
                     vm.echo(creds.summary())
                     for note in creds.notes:
                         vm.echo(f"Not forwarded: {note}")

@@ -37,18 +37,18 @@ def agent_env(tmp_path_factory, claude_image):
     core, images, home, project = base / "core", base / "images", base / "home", base / "proj"
     for folder in (core, images, home, project):
         folder.mkdir()
+    api = FakeMessagesAPI("/app/hello.txt", CONTENT).start()
+    # the VM is restricted: the host proxy's API endpoint forwards to the fake API, adding the key
     (core / "config.yaml").write_text(
-        f"vm:\n  ssh_port: {free_port()}\n  memory: 1024\n  cpus: 1\n  boot_timeout: 180\n")
+        f"vm:\n  ssh_port: {free_port()}\n  memory: 1024\n  cpus: 1\n  boot_timeout: 180\n"
+        f"claude:\n  api_url: http://127.0.0.1:{api.port}\n")
     (images / paths.image_name()).symlink_to(claude_image)
     manifest = Manifest(images / "manifest.json")
     manifest.set(paths.image_name(), ImageInfo(version="v0.0.1-claude-real", source="build", guest_contract=1))
     manifest.save()
-    api = FakeMessagesAPI("/app/hello.txt", CONTENT).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INVOKE_", "ANTHROPIC_", "CLAUDE_"))}
     env.update(HOME=str(home), CORE_HOME=str(core), CORE_IMAGES_DIR=str(images),
-               ANTHROPIC_API_KEY="sk-ant-e2e-" + secrets.token_urlsafe(16),
-               # the open network's view of the host's loopback (the host proxy replaces this later)
-               ANTHROPIC_BASE_URL=f"http://10.0.2.2:{api.port}")
+               ANTHROPIC_API_KEY="sk-ant-e2e-" + secrets.token_urlsafe(16))
     env.pop("SSH_AUTH_SOCK", None)
     try:
         yield env, project, api
@@ -87,5 +87,6 @@ def test_a_real_agent_turn_writes_the_file_on_the_host(agent_env):
     turns = [r for r in api.messages() if r["body"].get("tools")]
     assert len(turns) >= 2, [r["path"] for r in api.messages()]
     assert turns[0]["body"]["model"] == "claude-e2e-model"
-    assert all(r["headers"].get("x-api-key") == env["ANTHROPIC_API_KEY"] for r in turns)
+    assert all(r["headers"].get("x-api-key") == env["ANTHROPIC_API_KEY"] for r in turns)  # added by the proxy
+    assert "Network: restricted" in result.stdout
     assert has_tool_result(turns[-1]["body"])  # the agent sent the Write tool's result back

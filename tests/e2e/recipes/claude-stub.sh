@@ -2,7 +2,8 @@
 # Stand-in for Claude Code in the e2e tests: records what it received, inside the guest, on tmpfs in
 # /dev/shm/claude-stub.txt (written whole when the run ends; it runs as the agent user, not root). When /app/.claude-stub-wait exists it
 # waits (up to 60 s) for /app/.claude-stub-go first, so the test can look at the host meanwhile.
-# Exits with the number in /app/.claude-stub-exit when that exists, else 0.
+# Exits with the number in /app/.claude-stub-exit when that exists, else 0. When /app/.claude-stub-run
+# exists it runs it (sh, as the agent, with claude's environment) and records its output as run: lines.
 out=/dev/shm/claude-stub.txt
 {
     echo "== args"
@@ -20,6 +21,8 @@ out=/dev/shm/claude-stub.txt
     if [ -n "$GH_CONFIG_DIR" ] && [ -e "$GH_CONFIG_DIR" ]; then
         find "$GH_CONFIG_DIR" | sort | while read -r f; do echo "gh:$(stat -c '%a %u' "$f") $f"; done
     fi
+    echo "== run"
+    [ -f /app/.claude-stub-run ] && sh /app/.claude-stub-run 2>&1 | sed 's/^/run:/'
     echo "== env"
     env | sort | sed 's/^/env:/'
 } > "$out.tmp" 2>&1
