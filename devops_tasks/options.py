@@ -77,7 +77,9 @@ class ServeOptions:
 class ClaudeOptions:
     """``auth`` empty means all kinds; ``no_auth`` forwards nothing, the SSH agent included.
     ``args`` are claude's own words (``-p "..."``), passed intact; ``timeout`` (seconds) ends the
-    run from the host; ``notify`` is a host command run when it ends (``$CLAUDE_EXIT_STATUS``)."""
+    run from the host; ``notify`` is a host command run when it ends (``$CLAUDE_EXIT_STATUS``).
+    The agent works on a copy whose changes become a review (``include_ignored``: the copy holds
+    git-ignored files too); ``live`` mounts the project instead (``.git`` read-only)."""
 
     no_auth: bool = False
     auth: list[str] = field(default_factory=list)
@@ -85,3 +87,5 @@ class ClaudeOptions:
     args: list[str] = field(default_factory=list)
     timeout: float | None = None
     notify: str = ""
+    live: bool = False
+    include_ignored: bool = False
