@@ -163,6 +163,7 @@ def plan_apply(tree: Tree, changes: list[Change]) -> tuple[list[Change], Outcome
     outcome = Outcome()
     conflicts: list[tuple[bytes, str]] = []
     emptied = {folder for change in changes if change.new is None for folder in _ancestors(change.path)}
+    removed = {change.path for change in changes if change.new is None}
     for change in changes:
         new = change.new
         if is_git_path(change.path) or (new is not None and new.kind not in ("f", "l")):
@@ -174,7 +175,10 @@ def plan_apply(tree: Tree, changes: list[Change]) -> tuple[list[Change], Outcome
         try:
             now = tree.current(change.path)
         except Blocked:
-            conflicts.append((change.path, "a folder on its way is a file or a symlink on the host now"))
+            if change.old is None and any(folder in removed for folder in _ancestors(change.path)):
+                todo.append(change)  # a file on its way is one the review deletes first
+            else:
+                conflicts.append((change.path, "a folder on its way is a file or a symlink on the host now"))
             continue
         except OSError as exc:
             conflicts.append((change.path, f"cannot read it on the host: {exc.strerror or exc}"))

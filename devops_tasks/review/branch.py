@@ -171,7 +171,8 @@ def make_branch(root: Path, name: str, base: str, bundle: Optional[Path], change
             head = git.text("commit-tree", tree, *parents, "-m", message, env=identity_env(git))
         if not head or head == base:
             return None, notes
-        git("update-ref", "-m", "devops-tasks: review", f"refs/heads/{name}", head, "")
+        # the new objects and this one ref are all that changes in .git (no reflog either)
+        git("-c", "core.logAllRefUpdates=false", "update-ref", f"refs/heads/{name}", head, "")
         count = int(git.text("rev-list", "--count", head, *([f"^{base}"] if base else [])) or 0)
         agent = count - (0 if head == tip else 1)
         return Branch(name, head, max(0, agent)), notes

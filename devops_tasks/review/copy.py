@@ -266,7 +266,7 @@ class ProjectCopy:
                         size=sum(c.new.size for c in changes.changes if c.new is not None and c.new.kind == "f"),
                         base=project.head)
         blob = lambda name: writer.folder / "files" / name  # noqa: E731
-        patch, stats = render(changes.changes, self._host_bytes, lambda c: blob(c.blob).read_bytes())
+        patch, stats = render(changes.changes, self._host_bytes, lambda c: blob(c.blob).read_bytes() if c.blob else None)
         writer.write("changes.patch", patch)
         review.stat = summary(stats)
         if project.git_top:

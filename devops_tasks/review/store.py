@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -61,9 +62,10 @@ class Review:
     notes: list[str] = field(default_factory=list)
     stat: list[str] = field(default_factory=list)  # the git diff --stat lines
     applied: str = ""
+    order: int = field(default_factory=time.time_ns)  # sorts reviews made within one second
 
     FIELDS = ("id", "vm", "created", "state", "include_ignored", "changes", "refused", "size", "base", "branch",
-              "branch_commit", "agent_commits", "notes", "stat", "applied")
+              "branch_commit", "agent_commits", "notes", "stat", "applied", "order")
 
     @property
     def patch_path(self) -> Path:
@@ -160,7 +162,7 @@ def all_reviews(vms_root: Optional[Path] = None) -> list[Review]:
             continue
         with contextlib.suppress(ReviewError):
             found.append(Review.load(folder))
-    return sorted(found, key=lambda r: (r.created, r.id))
+    return sorted(found, key=lambda r: (r.created, r.order, r.id))
 
 
 def same_folder(a: Path, b: Path) -> bool:
