@@ -138,8 +138,9 @@ def render(changes: list[Change], old_bytes: Callable[[Change], Optional[bytes]]
     for change in changes:
         stat = FileStat(change.path)
         old, new = change.old, change.new
-        old_data = _read(old_bytes, change, old)
-        new_data = _read(new_bytes, change, new)
+        same = old is not None and new is not None and old.kind == new.kind == "f" and old.sha256 == new.sha256
+        old_data = None if same else _read(old_bytes, change, old)  # the mode alone needs no bytes
+        new_data = None if same else _read(new_bytes, change, new)
         if old is not None and new is not None and old.kind != new.kind:  # git: a deletion and an addition
             _section(change.path, old, None, old_data, None, out, stat)
             second = FileStat(change.path)
