@@ -232,13 +232,18 @@ class ProjectCopy:
                       f"{self.root} on the host is untouched")
             return None
         with contextlib.suppress(Exception):
-            run_stream(conn, f"{self._tool('prepare', self.guest_dir, str(self.agent_uid))}; rm -rf "
-                       f"{shlex.quote(self.tool_dir)}", timeout=120)
+            run_stream(conn, self._clear_script(), timeout=60)
         return self.review
+
+    def _clear_script(self) -> str:
+        """Guest script: the copy goes (in the background), then the tool and its baseline."""
+        return f"{self._tool('clear', self.guest_dir, str(self.agent_uid))}; rm -rf {shlex.quote(self.tool_dir)}"
 
     def _collect(self, conn: "Connection", writer: ReviewWriter) -> Optional[Review]:
         project, snap = self.project, self.snapshot
         code, errors, _, raw = run_stream(conn, self._tool("list", self.guest_dir, self._baseline), receive=read_all)
+        if code == 3:
+            raise CopyError(f"{self.guest_dir} in the VM holds another command's project mount now ({errors})")
         if code != 0:
             raise CopyError(f"listing the copy failed: {errors or f'status {code}'}")
         try:

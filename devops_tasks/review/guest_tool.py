@@ -2,9 +2,10 @@
 
 ``python3 -I guest_tool.py COMMAND ...`` with these commands:
 
-* ``prepare DIR UID``: make ``DIR`` an empty folder owned by ``UID``. Refuses (status 3) when a
-  live mount of this tool (another command's project mount) is at or under ``DIR``: removing the
-  folder would delete the host's files through it. Dead mounts there are detached first.
+* ``prepare DIR UID``: make ``DIR`` an empty folder owned by ``UID`` (old copies beside it, being
+  removed in the background since the last run, go too). Refuses (status 3) when a live mount of
+  this tool (another command's project mount) is at or under ``DIR``: removing the folder would
+  delete the host's files through it. Dead mounts there are detached first.
 * ``baseline DIR OUT``: record every entry's ``lstat`` (inode, size, mtime, ctime, mode) in ``OUT``
   right after the copy was unpacked.
 * ``list DIR BASELINE``: the entries whose ``lstat`` differs from the baseline, or that are new
@@ -12,6 +13,8 @@
   which nobody can set back, so an unchanged ``lstat`` means unchanged content and no file is read
   unless it kept its size (then its sha256 is given, so the host can tell a rewrite of the same
   bytes from an edit).
+* ``clear DIR UID``: after the run, ``DIR`` empty again at once; the old copy is removed in the
+  background.
 * ``ship DIR``: NUL-separated paths on stdin; for each, on stdout, a header (8-byte signed size,
   -1 when it is no longer a regular file; 4-byte mode) and then exactly that many bytes.
 
@@ -34,6 +37,7 @@ import subprocess
 import sys
 
 MARK = "devops-tasks:"  # the source name of every mount this tool's host side makes
+TRASH = ".trash-"  # an old copy beside DIR, being removed in the background
 HEADER = struct.Struct(">qI")
 CHUNK = 1 << 20
 
@@ -131,27 +135,57 @@ def _mounts():
     return sorted(found, key=lambda item: len(item[0]), reverse=True)
 
 
-def prepare(folder: bytes, uid: int) -> int:
+def _mounts_under(folder: bytes):
+    """(mount point, source, alive) of the mounts at or under ``folder``, deepest first."""
     for point, source in _mounts():
-        if point != folder and not point.startswith(folder + b"/"):
-            continue
-        if source.startswith(MARK):
+        if point == folder or point.startswith(folder + b"/"):
             try:
-                os.statvfs(point)
+                os.statvfs(point)  # asks the file system's process: a dead FUSE mount fails
                 alive = True
             except OSError:
                 alive = False
-            if alive:
-                sys.stderr.write(f"{os.fsdecode(point)} holds a live project mount ({source})\n")
-                return 3
+            yield point, source, alive
+
+
+def _refuse_live_mount(folder: bytes) -> bool:
+    for point, source, alive in _mounts_under(folder):
+        if alive and source.startswith(MARK):
+            sys.stderr.write(f"{os.fsdecode(point)} holds a live project mount ({source})\n")
+            return True
+    return False
+
+
+def prepare(folder: bytes, uid: int) -> int:
+    if _refuse_live_mount(folder):
+        return 3
+    for point, _, _ in _mounts_under(folder):
         subprocess.run(["umount", "-l", point], stderr=subprocess.DEVNULL, check=False)
     if os.path.islink(folder) or os.path.isfile(folder):
         os.unlink(folder)
     elif os.path.isdir(folder):
         shutil.rmtree(folder)
+    parent, name = os.path.split(folder)
+    for other in os.listdir(parent or b"."):
+        if other.startswith(name + TRASH.encode()):  # what a last run left to remove in the background
+            shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
     os.mkdir(folder, 0o755)
     os.chown(folder, uid, uid)
     os.chmod(folder, 0o755)
+    return 0
+
+
+def clear(folder: bytes, uid: int) -> int:
+    """After a run: ``DIR`` empty at once, the old copy removed in the background (unless some
+    mount is in it: then it stays for the next ``prepare``)."""
+    if any(True for _ in _mounts_under(folder)):
+        return 0
+    trash = folder + TRASH.encode() + os.urandom(4).hex().encode()
+    os.rename(folder, trash)
+    os.mkdir(folder, 0o755)
+    os.chown(folder, uid, uid)
+    os.chmod(folder, 0o755)
+    subprocess.Popen(["rm", "-rf", trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
     return 0
 
 
@@ -231,7 +265,11 @@ def main(argv) -> int:
         return prepare(os.fsencode(args[0]), int(args[1]))
     if command == "baseline":
         return baseline(os.fsencode(args[0]), args[1])
+    if command == "clear":
+        return clear(os.fsencode(args[0]), int(args[1]))
     if command == "list":
+        if _refuse_live_mount(os.fsencode(args[0])):  # another command mounted a host folder there
+            return 3
         json.dump(listing(os.fsencode(args[0]), args[1]), sys.stdout)
         sys.stdout.flush()
         return 0

@@ -155,6 +155,7 @@ def test_the_host_changes_only_when_the_review_is_applied(e):
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert e.guest("cat /dev/shm/agent-user")[1].strip() == "dev"
+    assert e.guest("ls -A /app")[1] == ""  # the copy is gone from the VM once it is read back
     # nothing reached the host: byte-identical, modes included (the branch only adds objects and its ref)
     assert outside_the_branch(tree(project)) == outside_the_branch(before)
     rid = review_id(out)

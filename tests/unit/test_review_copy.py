@@ -372,3 +372,19 @@ def test_a_live_project_mount_in_the_way_is_refused_and_a_dead_one_detached(tmp_
             assert sorted(os.listdir(app)) == ["f"]  # the foreign mount was detached, the copy made
     finally:
         subprocess.run(["umount", "-l", str(app)], check=False)
+
+
+def test_after_the_run_the_copy_goes_and_the_next_run_starts_clean(project, tmp_path, core):
+    import time
+
+    copy = make_copy(project, tmp_path)
+    run_agent(copy, "printf 'x' > left-over.txt")
+    app = Path(copy.guest_dir)
+    assert list(app.iterdir()) == [] and not Path(copy.tool_dir).exists()
+    deadline = time.monotonic() + 30
+    while [p for p in tmp_path.iterdir() if ".trash-" in p.name]:  # removed in the background
+        assert time.monotonic() < deadline, "the old copy is still there"
+        time.sleep(0.05)
+    again = make_copy(project, tmp_path)
+    with again.attached(LocalConn()):
+        assert not (app / "left-over.txt").exists() and (app / "keep.txt").exists()
