@@ -7,9 +7,9 @@ Boots one VM (TCG here) with ``CORE_HOME`` in a temp dir, on ``bench/recipes/min
 (minimal plus rsync, built or reused from the test build cache) unless ``--image`` is given. The
 project: ``--files`` files of random bytes, ``--mb`` MB in all, 100 to a folder. Then:
 
-* copy in: ``ProjectCopy.copy_in`` (the listing, the hashing tar stream over the Paramiko
-  connection, busybox tar and the lstat baseline in the guest) vs ``rsync -a`` of the tree into the
-  VM over OpenSSH (the same key and options, no multiplexing);
+* copy in: ``ProjectCopy.copy_in`` (the listing, the hashing tar stream over OpenSSH, busybox tar
+  and the lstat baseline in the guest) vs ``rsync -a`` of the tree into the VM over OpenSSH (the
+  same key and options, no multiplexing);
 * the "agent" edits a third of ``--edits`` files, adds a third and deletes a third (in the guest,
   not timed);
 * diff: ``ProjectCopy.collect`` (the guest's lstat comparison, the changed files' bytes back, the
@@ -140,7 +140,7 @@ def measure(project: Path, work: Path, args) -> None:
             if code != 0:
                 raise SystemExit(f"guest: {script[:60]}... failed ({code}): {err[-500:]}")
 
-        copy = ProjectCopy(project, vm.name, echo=lambda _: None, agent_user="dev")
+        copy = ProjectCopy(project, vm.name, echo=lambda _: None, agent_user="dev", target=target)
         results["copy in: review"] = timed(lambda: copy.copy_in(conn))
         sh("rm -rf /srv/rsync && mkdir -p /srv/rsync")
         results["copy in: rsync -a"] = timed(lambda: run(["rsync", "-a", "-e", ssh, f"{project}/",

@@ -420,7 +420,8 @@ def claude(
     guest.check_target(where)
     tty = guest.stdin_interactive() if interactive is None else interactive
     copy = None if opts.live else review.ProjectCopy(root, vm.name, include_ignored=opts.include_ignored,
-                                                      echo=vm.echo, guest_dir=GUEST_APP_DIR, agent_user=AGENT_USER)
+                                                      echo=vm.echo, guest_dir=GUEST_APP_DIR, agent_user=AGENT_USER,
+                                                      target=where)
     code = run_in_vm(vm, root, opts, creds, where, tty, copy)
     notify(opts.notify, code, vm, root, bell=tty)
     if copy is not None and copy.review is not None:

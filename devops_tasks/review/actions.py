@@ -11,7 +11,6 @@ from typing import Callable, Optional
 from .apply import Outcome, apply_review
 from .branch import delete_branch
 from .copy import human_size, refused_lines, summary_lines
-from .model import quote_path
 from .store import APPLIED, Review, mark_applied, remove
 
 Echo = Callable[[str], None]
@@ -122,5 +121,3 @@ def list_lines(reviews: list[Review]) -> list[str]:
 def project_of(path: Optional[str]) -> Path:
     return Path(path or ".").expanduser().resolve()
 
-
-__all__ = ["apply_and_report", "discard", "later", "list_lines", "offer", "question", "quote_path", "show"]

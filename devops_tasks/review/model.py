@@ -7,14 +7,10 @@ them (spaces, newlines, any byte but ``/`` and NUL). In JSON they are UTF-8 with
 
 from __future__ import annotations
 
-import os
 import posixpath
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Optional
-
-SET_ID_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
-
 
 def path_text(path: bytes) -> str:
     """A path for JSON: UTF-8 with surrogate escapes (:func:`path_bytes` gives the bytes back)."""
@@ -167,7 +163,3 @@ def special_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device node"
     return "a special file"
-
-
-def fs_path(root: os.PathLike | str, rel: bytes) -> bytes:
-    return os.path.join(os.fsencode(root), rel)

@@ -388,3 +388,23 @@ def test_after_the_run_the_copy_goes_and_the_next_run_starts_clean(project, tmp_
     again = make_copy(project, tmp_path)
     with again.attached(LocalConn()):
         assert not (app / "left-over.txt").exists() and (app / "keep.txt").exists()
+
+
+def test_the_openssh_path_carries_the_same_review(project, tmp_path, core, monkeypatch):
+    """With the VM's target the guest commands run through ``ssh`` (here: its argv runs locally)."""
+    seen = []
+
+    def ssh_argv(target, words, **kw):
+        seen.append((target, kw))
+        return list(words)
+
+    monkeypatch.setattr(review.copy.guest, "ssh_argv", ssh_argv)
+    target = object()
+    copy = make_copy(project, tmp_path, target=target)
+    rev = run_agent(copy, AGENT, conn=object())  # the Paramiko connection is never used
+    assert [c.path for c in rev.change_set().changes] == [b"added.txt", b"edit.txt", b"gone.txt", b"good-link",
+                                                          b"tasks.py"]
+    assert rev.agent_commits == 1
+    assert seen and all(t is target and kw == {"forward_agent": False, "tty": False} for t, kw in seen)
+    apply_and_report(rev, lambda line: None)
+    assert (project / "edit.txt").read_text() == "a\nB\nc\nmore\n"
