@@ -36,19 +36,19 @@ GO = "/dev/shm/claude-stub-go"
 PWNED = "/tmp/devops-tasks-e2e-pwned"  # where the agent's .git/config and hook would write on the host
 
 AGENT = f"""set -e
+id -un > /dev/shm/agent-user
 printf 'added by the agent\\n' > added.txt
 printf 'edited\\n' > edit.txt
 rm gone.txt
 printf 'print("the agent was here")\\n' >> tasks.py
 git -c user.name=Agent -c user.email=agent@vm commit -qam 'the agent commits'
-printf 'after the commit\\n' >> edit.txt
 printf '[core]\\n\\tfsmonitor = "touch {PWNED}-fsmonitor"\\n' >> .git/config
 printf '#!/bin/sh\\ntouch {PWNED}-hook\\n' > .git/hooks/pre-commit
 chmod 755 .git/hooks/pre-commit
+printf 'after the commit\\n' >> edit.txt
 chmod u+s run.sh
-mkfifo a-fifo
 ln -s /etc/passwd evil-link
-id -un > /dev/shm/agent-user
+mkfifo a-fifo
 """
 
 
