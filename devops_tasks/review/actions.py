@@ -90,7 +90,8 @@ def offer(review: Review, tty: bool, echo: Echo, ask: Optional[Ask] = None,
     while True:
         try:
             answer = ask(question(review)).strip().lower()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C: no
+            echo("")
             answer = ""
         if answer in ("d", "diff"):
             write(review.patch_path.read_bytes())

@@ -408,3 +408,25 @@ def test_the_openssh_path_carries_the_same_review(project, tmp_path, core, monke
     assert seen and all(t is target and kw == {"forward_agent": False, "tty": False} for t, kw in seen)
     apply_and_report(rev, lambda line: None)
     assert (project / "edit.txt").read_text() == "a\nB\nc\nmore\n"
+
+
+def test_the_question_after_a_run(project, tmp_path, core):
+    rev = run_agent(make_copy(project, tmp_path), "printf 'q\\n' > asked.txt")
+    lines, written = [], []
+    answers = iter(["d", "maybe"])
+    assert not review.offer(rev, tty=True, echo=lines.append, ask=lambda q: (lines.append(q), next(answers))[1],
+                            write=written.append)
+    assert f"Apply 1 change to {project}? [y/N/d] " in lines
+    assert b"+q\n" in written[0]  # d: the patch, then the question again; anything else: no
+    assert any(line.startswith(f"Not applied. Apply it with: inv claude.apply --review {rev.id}") for line in lines)
+    assert not (project / "asked.txt").exists()
+
+    def interrupted(q):
+        raise KeyboardInterrupt
+
+    assert not review.offer(rev, tty=True, echo=lines.append, ask=interrupted)  # Ctrl-C: no
+    lines.clear()
+    assert not review.offer(rev, tty=False, echo=lines.append)
+    assert lines[-1].startswith("Not applied (no terminal). Apply it with: inv claude.apply --review")
+    assert review.offer(rev, tty=True, echo=lines.append, ask=lambda q: "y")
+    assert (project / "asked.txt").read_text() == "q\n"
