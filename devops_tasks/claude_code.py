@@ -20,8 +20,12 @@ claude session runs per VM at a time (a lock in the VM's folder), so runs never 
 each other's credentials. Nothing here prints or logs a value.
 
 The session itself is OpenSSH (like ``shell``): a real terminal (``-t``) when stdin and stdout are
-terminals, otherwise a non-interactive run. The project is mounted at ``/app`` over a Fabric
-connection for as long as claude runs.
+terminals, otherwise a non-interactive run.
+
+The agent works on a copy of the project at ``/app`` (:class:`.review.ProjectCopy`): the host
+project is not writable from the VM, and what the agent changed comes back as a review that
+reaches the project only when the user applies it (asked on a terminal). ``--live`` mounts the
+project at ``/app`` instead, for as long as claude runs, with ``.git`` read-only through the mount.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-from . import egress, guest
+from . import egress, guest, review
 from .errors import DevopsError, GuestError
 from .fsutil import try_file_lock
 from .lifecycle import VM
@@ -56,6 +60,7 @@ GUEST_SECRETS_DIR = "/run/devops-tasks-claude"  # tmpfs in the guest: never on t
 GUEST_GH_DIR = f"{GUEST_SECRETS_DIR}/gh"
 NOT_INSTALLED_STATUS = 42
 MOUNT_CONFINE = "require"  # the project mount's sftp-server must be sandboxed (guest.confine_mode)
+LIVE_READ_ONLY = (".git",)  # --live: git's config and hooks run on the host, so the mount cannot write them
 
 AGENT_USER = "dev"  # the guest's unprivileged user (every recipe has it): claude never runs as root
 ANTHROPIC_VARS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL")
@@ -293,8 +298,8 @@ def prepare_script() -> str:
 
 def cleanup_script(user: str = AGENT_USER) -> str:
     """Guest script after a run: nothing the agent started runs on (one session per VM: every
-    process of ``user`` is the run's), and every credential of it (all live in one tmpfs folder)
-    is gone."""
+    process of ``user`` is the run's; the copy is read back only then), and every credential of it
+    (all live in one tmpfs folder) is gone."""
     kill = f"su -s /bin/sh {shlex.quote(user)} -c 'kill -KILL -1' 2>/dev/null; " if user else ""
     return f"{kill}rm -rf {shlex.quote(GUEST_SECRETS_DIR)}\n"
 
@@ -395,16 +400,18 @@ def claude(
     git_config_reader: Optional[GitConfigReader] = None,
     interactive: Optional[bool] = None,
 ) -> int:
-    """Run claude in the VM in ``/app`` (the project mounted) with the asked-for credentials.
+    """Run claude in the VM in ``/app`` (a copy of the project, or with ``live`` the project
+    mounted) with the asked-for credentials; then offer the copy's changes as a review.
 
     Boots the VM when it is not running. Returns claude's exit status.
     """
     kinds = resolve_auth(opts)  # bad input fails before anything starts
     network = egress.check(vm, opts)  # restricted only, unless --network open
     root = project_root(project_dir)
-    # The agent must not reach the host's files through the mount: no sandboxed sftp-server, no
-    # claude (unless CORE_MOUNT_CONFINE=off), said before a VM is booted for nothing.
-    guest.sftp_server_command(root, confine=MOUNT_CONFINE)
+    if opts.live:
+        # The agent must not reach the host's files through the mount: no sandboxed sftp-server, no
+        # claude (unless CORE_MOUNT_CONFINE=off), said before a VM is booted for nothing.
+        guest.sftp_server_command(root, confine=MOUNT_CONFINE, read_only=LIVE_READ_ONLY)
     environ = os.environ if environ is None else environ
     home = Path(environ.get("HOME") or Path.home()) if home is None else Path(home)
     reader = git_config_reader or (lambda key: host_git_config(key, cwd=root))
@@ -413,13 +420,28 @@ def claude(
     where = vm.target()
     guest.check_target(where)
     tty = guest.stdin_interactive() if interactive is None else interactive
-    code = run_in_vm(vm, root, opts, creds, where, tty)
+    copy = None if opts.live else review.ProjectCopy(root, vm.name, include_ignored=opts.include_ignored,
+                                                      echo=vm.echo, guest_dir=GUEST_APP_DIR, agent_user=AGENT_USER,
+                                                      target=where)
+    code = run_in_vm(vm, root, opts, creds, where, tty, copy)
     notify(opts.notify, code, vm, root, bell=tty)
+    if copy is not None and copy.review is not None:
+        review.offer(copy.review, tty=tty and code != INTERRUPTED, echo=vm.echo)
     return code
 
 
-def run_in_vm(vm: VM, root: Path, opts: ClaudeOptions, creds: Credentials, where: guest.Target, tty: bool) -> int:
-    """The run itself: prepare the guest, mount, hand over the credentials, run claude, clean up."""
+def project_at_app(conn: "Connection", root: Path, copy: Optional["review.ProjectCopy"]):
+    """The project at ``/app`` for the run: the copy (read back as a review once the agent's
+    processes and credentials are gone), or with ``--live`` the mount, ``.git`` read-only."""
+    if copy is None:
+        return guest.Mount(conn, root, GUEST_APP_DIR, confine=MOUNT_CONFINE, read_only=LIVE_READ_ONLY)
+    return copy.attached(conn, stop_agent=lambda: guest.capture(conn, cleanup_script(), timeout=15))
+
+
+def run_in_vm(vm: VM, root: Path, opts: ClaudeOptions, creds: Credentials, where: guest.Target, tty: bool,
+              copy: Optional["review.ProjectCopy"] = None) -> int:
+    """The run itself: prepare the guest, put the project at /app, hand over the credentials, run
+    claude, clean up (and read the copy back)."""
     try:
         with stop_as_interrupt(), one_session(vm), egress.proxy(vm, opts, creds.env) as net, \
                 guest.session(where) as conn:
@@ -429,7 +451,7 @@ def run_in_vm(vm: VM, root: Path, opts: ClaudeOptions, creds: Credentials, where
                     raise GuestError(NOT_INSTALLED)
                 if code != 0:
                     raise GuestError(f"preparing the VM for claude failed (status {code})")
-                with guest.Mount(conn, root, GUEST_APP_DIR, confine=MOUNT_CONFINE):
+                with project_at_app(conn, root, copy):
                     if creds.gh_tar:
                         install_gh(conn, creds.gh_tar)
                     env = net.guest_env(creds.env)  # restricted: placeholders, the proxy adds the secrets

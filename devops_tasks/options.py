@@ -90,7 +90,9 @@ class ClaudeOptions:
     run from the host; ``notify`` is a host command run when it ends (``$CLAUDE_EXIT_STATUS``).
     ``network`` "" (or ``restricted``) runs claude only on a restricted VM, booting it so when it is
     not running; ``open`` also accepts a VM with open networking. ``allow``: ``host[:port]`` entries
-    added to config ``claude.allow`` for this run."""
+    added to config ``claude.allow`` for this run.
+    The agent works on a copy whose changes become a review (``include_ignored``: the copy holds
+    git-ignored files too); ``live`` mounts the project instead (``.git`` read-only)."""
 
     no_auth: bool = False
     auth: list[str] = field(default_factory=list)
@@ -100,3 +102,5 @@ class ClaudeOptions:
     notify: str = ""
     network: str = ""
     allow: list[str] = field(default_factory=list)
+    live: bool = False
+    include_ignored: bool = False

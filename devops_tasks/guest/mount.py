@@ -51,20 +51,23 @@ def fsname_for(host_dir: Path) -> str:
 USERS_DIR = "/run/devops-tasks/mount-users"  # in the guest: <owner token>/<user token> holds a PID
 
 
-def mount_source(fsname: str, token: str, confined: bool) -> str:
-    """The mount's name in the guest's /proc/mounts: project hash, how it is served, whose it is."""
-    return f"{fsname}:{'confined' if confined else 'unconfined'}:{token}"
+def mount_source(fsname: str, token: str, confined: bool, guarded: bool = False) -> str:
+    """The mount's name in the guest's /proc/mounts: project hash, how it is served (``guarded``:
+    confined and ``.git`` read-only), whose it is."""
+    kind = "unconfined" if not confined else "guarded" if guarded else "confined"
+    return f"{fsname}:{kind}:{token}"
 
 
 def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str] = SSHFS_OPTIONS,
-                 confined: bool = False) -> str:
+                 confined: bool = False, guarded: bool = False) -> str:
     """Guest script for the mount channel. Its stdin/stdout carry SFTP; it reports on stderr.
 
     * ``/app`` already holds a live mount of the same folder, at least as confined as this one
       (``confined``) would be → ``reuse``: the script registers as a user of that mount (its
       owner waits for its users before it unmounts) and holds until this channel's stdin ends.
     * such a mount, but unconfined while this one would be confined → ``unconfined`` (refuse:
-      the VM already reaches every host file through it).
+      the VM already reaches every host file through it); writable ``.git`` while this one would be
+      ``guarded`` → ``unguarded`` (refuse).
     * a live mount of something else → ``busy`` (refuse: another command is using ``/app``).
     * dead mounts (their sshfs gone) → lazily unmounted, then mounted afresh.
     * sshfs or FUSE missing → an ``error:`` line saying so.
@@ -73,9 +76,9 @@ def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str]
       then for sshfs to end.
     """
     d = shlex.quote(guest_dir)
-    source = mount_source(fsname, token, confined)
+    source = mount_source(fsname, token, confined, guarded)
     opts = ",".join(["slave", f"fsname={source}", *options])
-    need = "confined" if confined else "any"
+    need = "any" if not confined else "guarded" if guarded else "confined"
     return f"""\
 D={d}; F={shlex.quote(source)}; P={shlex.quote(fsname + ":")}; T={shlex.quote(token)}; NEED={need}
 U={USERS_DIR}
@@ -89,8 +92,9 @@ while :; do
   [ -n "$1" ] || break
   if live; then
     case "$1" in "$P"*) ;; *) say "busy $1 $2"; exit 3;; esac
-    case "$1" in "$P"confined:*) kind=confined;; *) kind=unconfined;; esac
-    [ "$NEED" = confined ] && [ "$kind" != confined ] && {{ say "unconfined $1"; exit 9; }}
+    case "$1" in "$P"guarded:*) kind=guarded;; "$P"confined:*) kind=confined;; *) kind=unconfined;; esac
+    [ "$NEED" != any ] && [ "$kind" = unconfined ] && {{ say "unconfined $1"; exit 9; }}
+    [ "$NEED" = guarded ] && [ "$kind" != guarded ] && {{ say "unguarded $1"; exit 12; }}
     o="$U/${{1##*:}}"; was=$1
     # Registered, then checked again: an owner that is unmounting marks itself closing first.
     if [ ! -e "$o/closing" ] && mkdir -p "$o" && echo $$ >"$o/$T" && [ ! -e "$o/closing" ] \\
@@ -135,11 +139,12 @@ wait "$pid"
 """
 
 
-def unmount_script(guest_dir: str, fsname: str, token: str, confined: bool = False, force: bool = False) -> str:
+def unmount_script(guest_dir: str, fsname: str, token: str, confined: bool = False, force: bool = False,
+                   guarded: bool = False) -> str:
     """Unmount ``guest_dir`` when its top mount is still this one (never someone else's) and no
     other command uses it: then it prints ``users N`` and leaves it (unless ``force``)."""
     d = shlex.quote(guest_dir)
-    source = shlex.quote(mount_source(fsname, token, confined))
+    source = shlex.quote(mount_source(fsname, token, confined, guarded))
     owner = shlex.quote(f"{USERS_DIR}/{token}")
     return (
         f"D={d}; F={source}; o={owner}; FORCE={'1' if force else ''}\n"
@@ -189,8 +194,10 @@ class Mount:
         options: Sequence[str] = SSHFS_OPTIONS,
         sftp_server: Optional[str] = None,
         confine: Optional[str] = None,
+        read_only: Sequence[str] = (),
     ):
         self.conn = conn
+        self.read_only = tuple(read_only)  # project paths no request may write (.git): see sftp_server_command
         self.requested = host_dir
         self.guest_dir = guest_dir
         self.timeout = timeout
@@ -221,11 +228,15 @@ class Mount:
     @property
     def source(self) -> str:
         """This mount's name in the guest's /proc/mounts (when it made one)."""
-        return mount_source(self.fsname, self.token, self._server_confined)
+        return mount_source(self.fsname, self.token, self._server_confined, self._guarded)
+
+    @property
+    def _guarded(self) -> bool:
+        return bool(self.read_only) and self._server_confined
 
     def start(self) -> None:
         self.host_dir = _host_dir(self.requested)
-        server = sftp_server_command(self.host_dir, self.sftp_server, self.confine)
+        server = sftp_server_command(self.host_dir, self.sftp_server, self.confine, read_only=self.read_only)
         self.confined = self._server_confined = server.confined
         self.fsname = fsname_for(self.host_dir)
         try:
@@ -251,7 +262,8 @@ class Mount:
             self.conn.open()
             transport = self.conn.client.get_transport()
         self._chan = transport.open_session(timeout=self.timeout)
-        script = mount_script(self.guest_dir, self.fsname, self.token, self.options, confined=server.confined)
+        script = mount_script(self.guest_dir, self.fsname, self.token, self.options, confined=server.confined,
+                              guarded=self._guarded)
         self._chan.exec_command(script)
         self._spawn(self._read_messages, self._chan)
         deadline = time.monotonic() + self.timeout
@@ -265,12 +277,17 @@ class Mount:
         if outcome.startswith("reuse"):
             # The channel stays open until stop(): it is this command's hold on the live mount.
             self.mounted = self.reused = True
-            self.confined = outcome.split()[1:] == ["confined"]
+            self.confined = outcome.split()[1:] in (["confined"], ["guarded"])
             return
         if outcome.startswith("busy"):
             raise GuestError(
                 f"{self.guest_dir} in the VM already holds a live mount of another folder "
                 f"({outcome[5:].strip()}); another test/serve/claude command is using it: stop it first"
+            )
+        if outcome.startswith("unguarded"):
+            raise GuestError(
+                f"{self.guest_dir} in the VM holds a mount of this project through which .git is writable "
+                "(another test/serve command); this command needs .git read-only: stop that command first"
             )
         if outcome.startswith("unconfined"):
             raise GuestError(
@@ -316,7 +333,8 @@ class Mount:
         try:
             while True:
                 _, out, _ = capture(self.conn, unmount_script(self.guest_dir, self.fsname, self.token,
-                                                              self._server_confined), timeout=15)
+                                                              self._server_confined, guarded=self._guarded),
+                                    timeout=15)
                 if not out.startswith("users "):
                     return
                 if not told:
@@ -327,7 +345,7 @@ class Mount:
         except KeyboardInterrupt:
             with contextlib.suppress(Exception):
                 capture(self.conn, unmount_script(self.guest_dir, self.fsname, self.token, self._server_confined,
-                                                  force=True), timeout=15)
+                                                  force=True, guarded=self._guarded), timeout=15)
             raise
         except Exception:  # the connection is gone: so is the mount
             return
@@ -335,7 +353,7 @@ class Mount:
     def _why(self) -> str:
         errors = [m[len("error:"):].strip() for m in self._messages if m.startswith("error:")]
         other = [m for m in self._messages
-                 if not m.startswith(("error:", "stale", "serve", "mounted", "reuse", "unconfined"))]
+                 if not m.startswith(("error:", "stale", "serve", "mounted", "reuse", "unconfined", "unguarded"))]
         parts = errors + other + [f"sftp-server: {line}" for line in self._sftp_errors]
         if self._chan is not None and self._chan.exit_status_ready():
             code = self._chan.recv_exit_status()
@@ -399,7 +417,7 @@ class Mount:
         if line.startswith(_MARK):
             text = line[len(_MARK):].strip()
             self._messages.append(text)
-            if text in ("serve", "mounted") or text.startswith(("reuse", "busy", "unconfined", "error:")):
+            if text in ("serve", "mounted") or text.startswith(("reuse", "busy", "unconfined", "unguarded", "error:")):
                 self._outcomes.put(text)
         elif line.strip():
             self._messages.append(line.strip())  # sshfs's own words (e.g. a bad option)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from ..errors import GuestError
 
@@ -114,6 +114,7 @@ def sftp_server_command(
     server: Optional[str] = None,
     confine: Optional[str] = None,
     environ: Optional[Mapping[str, str]] = None,
+    read_only: Sequence[str] = (),
 ) -> SftpServerCommand:
     """The command that serves ``host_dir`` to the guest's sshfs over stdin/stdout.
 
@@ -127,6 +128,9 @@ def sftp_server_command(
 
     ``confine`` (see :func:`confine_mode`): without a working ``bwrap`` ``auto`` falls back to the
     plain server with a one-line warning on stderr, ``require`` raises :class:`GuestError`.
+    ``read_only``: paths in the project (``.git``) the sandbox binds read-only over the project, so
+    no request reaches them for writing, whatever path or symlink it names; unconfined, that
+    cannot hold (a warning says so).
     The one place that decides how the server runs: :class:`Mount` uses it, callers only ask.
     """
     environ = os.environ if environ is None else environ
@@ -135,7 +139,9 @@ def sftp_server_command(
     start_dir = str(host_dir).replace("%", "%%")  # sftp-server expands %d and %u
     plain = SftpServerCommand((server, "-e", "-d", start_dir), confined=False)
     mode = confine_mode(confine, environ)
+    protected = _read_only_paths(host_dir, read_only)
     if mode == "off":
+        _warn_writable(protected)
         return plain
     bwrap = find_bwrap(environ)
     if host_dir == Path("/"):  # it would hold the sandbox's own /etc and /dev: nothing to confine
@@ -143,7 +149,7 @@ def sftp_server_command(
     elif bwrap is None:
         problem, fix = "bubblewrap (bwrap) is not installed", _BWRAP_FIX
     else:
-        command = _bwrap_command(bwrap, host_dir, server, start_dir)
+        command = _bwrap_command(bwrap, host_dir, server, start_dir, protected)
         problem = _probe(command)
         if problem is None:
             return command
@@ -154,13 +160,37 @@ def sftp_server_command(
             "(CORE_MOUNT_CONFINE=off allows that)"
         )
     warning = f"warning: {problem}, so {_UNCONFINED} ({fix}; CORE_MOUNT_CONFINE=off hides this)"
-    if warning not in _warned:
-        _warned.add(warning)
-        print(warning, file=sys.stderr, flush=True)
+    _warn(warning)
+    _warn_writable(protected)
     return plain
 
 
-def _bwrap_command(bwrap: str, host_dir: Path, server: str, start_dir: str) -> SftpServerCommand:
+def _warn(warning: str) -> None:
+    if warning not in _warned:
+        _warned.add(warning)
+        print(warning, file=sys.stderr, flush=True)
+
+
+def _warn_writable(protected: Sequence[str]) -> None:
+    if protected:
+        _warn(f"warning: the mount is unconfined, so {', '.join(protected)} in the project is writable from the VM")
+
+
+def _read_only_paths(host_dir: Path, read_only: Sequence[str]) -> list[str]:
+    """The existing ``read_only`` paths of the project, as absolute paths; a symlink is refused
+    (the sandbox would bind where it points)."""
+    found = []
+    for rel in read_only:
+        path = os.path.join(str(host_dir), rel)
+        if os.path.islink(path):
+            raise GuestError(f"cannot keep {path} read-only in the mount: it is a symlink")
+        if os.path.exists(path):
+            found.append(path)
+    return found
+
+
+def _bwrap_command(bwrap: str, host_dir: Path, server: str, start_dir: str,
+                   read_only: Sequence[str] = ()) -> SftpServerCommand:
     import grp
     import pwd
 
@@ -205,7 +235,9 @@ def _bwrap_command(bwrap: str, host_dir: Path, server: str, start_dir: str) -> S
     if not any(real_server.startswith(prefix + "/") for prefix in bound):
         argv += ["--ro-bind", real_server, real_server]
     project = str(host_dir)
-    argv += ["--bind", project, project]  # last: a project under /usr is writable
+    argv += ["--bind", project, project]  # a project under /usr is writable
+    for path in read_only:  # over the project: .git takes no writes, through any name
+        argv += ["--ro-bind", path, path]
     argv += ["--remount-ro", "/"]  # the sandbox's own root (a tmpfs) takes no writes either
     argv += ["--chdir", project, real_server, "-e", "-d", start_dir]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # the host's environment may hold tokens

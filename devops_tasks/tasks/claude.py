@@ -1,5 +1,6 @@
 """The ``claude`` collection: ``inv claude [--no-auth] [--auth KINDS] [--model M] [--network open]
-[--allow HOST[:PORT]] [-- CLAUDE ARGS]`` and ``inv claude.log``."""
+[--allow HOST[:PORT]] [--live] [-- CLAUDE ARGS]`` (the default task), the reviews its runs leave
+(``claude.diff``, ``claude.apply``, ``claude.discard``) and the proxy's log (``claude.log``)."""
 
 import json as _json
 
@@ -7,6 +8,9 @@ from invoke import Collection
 
 from ..options import ClaudeOptions
 from .common import configure, devops, exit_with, remainder_words, task
+
+REVIEW_HELP = "the review's id, or the start of it (default: the latest pending review of --project)"
+PROJECT_HELP = "the project whose latest pending review is meant (default: the current directory)"
 
 
 @task(
@@ -17,23 +21,26 @@ from .common import configure, devops, exit_with, remainder_words, task
         "auth": "forward only these: ssh, gh, anthropic, git (comma list or repeat the flag; default all)",
         "model": "the model claude uses (passed as --model)",
         "vm": "VM name (default: core.vm.name, 'core-dev')",
-        "project": "project directory mounted at /app (default: the current directory)",
+        "project": "project directory copied to /app (default: the current directory)",
         "timeout": "end the run from the host after this long (90s, 30m, 1h30m); exit status 124",
         "notify": "a host command run when claude ends ($CLAUDE_EXIT_STATUS, $CLAUDE_VM, $CLAUDE_PROJECT)",
         "network": "open: also run on a VM with open networking (default: restricted only; a VM booted "
                    "for claude is restricted)",
         "allow": "HOST[:PORT] the restricted VM may reach through the proxy, besides core.claude.allow "
                  "(repeat the flag; *.domain for its subdomains)",
+        "live": "mount the project at /app instead of copying it (writes reach it at once; .git stays read-only)",
+        "include_ignored": "copy git-ignored files too (and review the ignored files the agent makes)",
     },
 )
 def claude(c, no_auth=False, auth=None, model=None, vm=None, project=None, timeout=None, notify=None,
-           network=None, allow=None):
-    """Run Claude Code in the VM on the project (`-- ARGS` go to claude intact), with only the credentials asked for."""
+           network=None, allow=None, live=False, include_ignored=False):
+    """Run Claude Code in the VM on a copy of the project (`-- ARGS` go to claude intact); its changes become a review."""
     from ..claude_code import parse_duration, split_auth  # here: inv --list and other tasks skip its imports
 
     opts = ClaudeOptions(no_auth=no_auth, auth=split_auth(auth), model=model or "", args=remainder_words(),
                          timeout=parse_duration(timeout) if timeout else None, notify=notify or "",
-                         network=network or "", allow=list(allow or []))
+                         network=network or "", allow=list(allow or []), live=live,
+                         include_ignored=include_ignored)
     exit_with(devops(c, vm).claude(project or ".", opts))
 
 
@@ -60,6 +67,43 @@ def log(c, vm=None, json=False, blocked=False):
         print(_json.dumps(event, sort_keys=True) if json else event_line(event))
 
 
+def _find(review, project):
+    from .. import review as reviews
+
+    return reviews.find(reviews.all_reviews(), review or "", None if review else reviews.project_of(project))
+
+
+@task(help={"review": REVIEW_HELP, "list": "list every review of every VM instead", "project": PROJECT_HELP})
+def diff(c, review=None, list_=False, project=None):
+    """Show a review of an agent's changes: its summary and patch (--list: all reviews)."""
+    from .. import review as reviews
+
+    if list_:
+        for line in reviews.list_lines(reviews.all_reviews()):
+            print(line)
+        return
+    reviews.show(_find(review, project), lambda line: print(line, flush=True))
+
+
+@task(name="apply", help={"review": REVIEW_HELP, "project": PROJECT_HELP})
+def apply_(c, review=None, project=None):
+    """Apply a review to its project: all of it, or on a conflict with the host's own edits nothing."""
+    from .. import review as reviews
+
+    reviews.apply_and_report(_find(review, project), lambda line: print(line, flush=True))
+
+
+@task(help={"review": REVIEW_HELP, "project": PROJECT_HELP})
+def discard(c, review=None, project=None):
+    """Drop a review (and its branch, unless it moved)."""
+    from .. import review as reviews
+
+    reviews.discard(_find(review, project), lambda line: print(line, flush=True))
+
+
 ns = configure(Collection("claude"))
 ns.add_task(claude)
 ns.add_task(log)
+ns.add_task(diff)
+ns.add_task(apply_)
+ns.add_task(discard)

@@ -33,21 +33,22 @@ def build_cache_dir() -> str:
     return shared_cache_dir()
 
 
-def build_recipe_once(recipe: str, tmp_path_factory, cache_dir: str):
-    """Build ``recipe`` into a private copy (the shared cache makes a repeat about a second);
-    -> the :class:`BuildResult`."""
+def build_recipe_once(recipe: str, tmp_path_factory, cache_dir: str, label: str = ""):
+    """Build ``recipe`` (a name or a path; ``label`` names its folder) into a private copy (the
+    shared cache makes a repeat about a second); -> the :class:`BuildResult`."""
     from devops_tasks.build import build_image
     from devops_tasks.build.tools import missing_tools
 
     missing = missing_tools()
     if missing:
         needs.unavailable(f"image build needs host tools: {', '.join(tool for tool, _ in missing)}")
-    base = tmp_path_factory.mktemp(f"built-{recipe}")
+    label = label or recipe
+    base = tmp_path_factory.mktemp(f"built-{label}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CORE_CACHE_DIR", cache_dir)
         mp.setenv("CORE_HOME", str(base / "core"))
         mp.setenv("CORE_IMAGES_DIR", str(base / "images"))
-        return build_image(recipe, output=base / f"{recipe}.qcow2")
+        return build_image(recipe, output=base / f"{label}.qcow2")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +67,10 @@ def claude_build(tmp_path_factory, build_cache_dir):
 @pytest.fixture(scope="session")
 def claude_image(claude_build) -> Path:
     return claude_build.path
+
+
+@pytest.fixture(scope="session")
+def claude_stub_image(tmp_path_factory, build_cache_dir) -> Path:
+    """``recipes/claude-stub.yaml``: the minimal image plus a stand-in claude that plays the agent."""
+    recipe = Path(__file__).resolve().parent / "recipes" / "claude-stub.yaml"
+    return build_recipe_once(str(recipe), tmp_path_factory, build_cache_dir, label="claude-stub").path

@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DEVOPS = str(BIN / "devops")
 RECORD = "/dev/shm/claude-stub.txt"
+GO = "/dev/shm/claude-stub-go"  # the stand-in's go file (see recipes/claude-stub.sh)
 CREDENTIAL_VARS = {"ANTHROPIC_API_KEY", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME",
                    "GIT_COMMITTER_EMAIL", "SSH_AUTH_SOCK"}
 GIT_NAME, GIT_EMAIL = "Ada Lovelace-E2E", "ada.e2e@example.com"
@@ -234,11 +235,10 @@ def test_boots_a_stopped_vm_and_default_forwards_all_without_secrets_in_ps(sandb
         # a second session on the same VM is refused while this one runs (they would share credentials)
         with pytest.raises(DevopsError, match="a claude session is already running on VM 'core-dev'"):
             e.devops.claude(e.project, ClaudeOptions(no_auth=True))
-        (e.project / ".claude-stub-go").touch()
+        assert e.guest(f"touch {GO}")[0] == 0  # in the guest: the agent works on a copy
         out, _ = proc.communicate(timeout=120)
     finally:
-        for name in (".claude-stub-wait", ".claude-stub-go"):
-            (e.project / name).unlink(missing_ok=True)
+        (e.project / ".claude-stub-wait").unlink(missing_ok=True)
     assert proc.returncode == 0, out
     assert all(e.secret not in sample for sample in samples)
     assert e.secret not in out
@@ -338,6 +338,7 @@ def test_words_after_the_dashes_reach_claude_intact(sandbox_env):
 def test_timeout_ends_the_run_from_the_host_and_notify_runs(sandbox_env, tmp_path):
     e = sandbox_env
     told = tmp_path / "told"
+    assert e.guest(f"rm -f {GO}")[0] == 0
     (e.project / ".claude-stub-wait").touch()  # the stand-in waits up to 60 s for a go file that never comes
     try:
         start = time.monotonic()

@@ -3,8 +3,9 @@
 The ``claude`` recipe's image (Claude Code from the npm registry) runs in a VM; the host runs a
 local server speaking the Messages API's streaming events (``fake_messages_api``) that answers the
 agent's first request with a ``Write`` tool call. The agent, running as the guest user ``dev`` in
-bypass mode, really writes the file under ``/app``: it lands in the host project, owned by the
-host user, and the fake API saw the model, the real key, and the tool's result.
+bypass mode, really writes the file under ``/app``, the VM's copy of the project: it reaches the
+host project only when the review is applied, then owned by the host user; and the fake API saw
+the model, the real key, and the tool's result.
 """
 
 from __future__ import annotations
@@ -75,13 +76,18 @@ def test_version_from_the_vm(agent_env):
         assert "(Claude Code)" in result.stdout
 
 
-def test_a_real_agent_turn_writes_the_file_on_the_host(agent_env):
+def test_a_real_agent_turn_writes_the_file_into_a_review(agent_env):
     env, project, api = agent_env
     result = run(env, project, "-p", "Write hello.txt, please.", "--dangerously-skip-permissions",
                  "--model", "claude-e2e-model")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Done: the file is written." in result.stdout
     written = project / "hello.txt"
+    assert not written.exists()  # the agent wrote into the copy: the host project waits for the review
+    assert " hello.txt | 1 +" in result.stdout and "Apply it with: inv claude.apply --review" in result.stdout
+    applied = subprocess.run([DEVOPS, "claude.apply", "--project", str(project)], env=env, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
     assert written.read_text() == CONTENT
     assert written.stat().st_uid == os.getuid()  # the host user's file, not a guest uid
     turns = [r for r in api.messages() if r["body"].get("tools")]

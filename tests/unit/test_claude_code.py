@@ -302,7 +302,7 @@ def fake(monkeypatch, tmp_path):
     class Mount:
         def __init__(self, conn, host_dir, guest_dir="/app", **kw):
             g.calls.append(("mount", Path(host_dir), guest_dir))
-            g.confine.append(("mount", kw.get("confine")))
+            g.confine.append(("mount", kw.get("confine"), kw.get("read_only")))
 
         def __enter__(self):
             return self
@@ -326,9 +326,27 @@ def fake(monkeypatch, tmp_path):
         g.calls.append(("ssh", list(argv)))
         return g.status
 
+    class Copy:
+        """The copy in /app: what the run does around it, in order."""
+
+        def __init__(self, root, vm_name, **kw):
+            g.copy = (Path(root), vm_name, kw)
+            self.review = None
+
+        @contextlib.contextmanager
+        def attached(self, conn, stop_agent):
+            g.calls.append(("copy-in",))
+            try:
+                yield self
+            finally:
+                stop_agent()
+                g.calls.append(("collect",))
+
     monkeypatch.setattr(guest, "session", session)
-    def sftp_server_command(host_dir, server=None, confine=None, environ=None):
-        g.confine.append(("check", confine))
+    monkeypatch.setattr(claude_code.review, "ProjectCopy", Copy)
+
+    def sftp_server_command(host_dir, server=None, confine=None, environ=None, read_only=()):
+        g.confine.append(("check", confine, read_only))
 
     monkeypatch.setattr(guest, "Mount", Mount)
     monkeypatch.setattr(guest, "sftp_server_command", sftp_server_command)
@@ -372,7 +390,8 @@ def test_claude_default_forwards_all_without_secrets_in_argv(dev, fake, tmp_path
     fake.status = 5
     assert run_claude(dev, tmp_path, ClaudeOptions(model="opus"), environ, host_home) == 5
     kinds = [c[0] for c in fake.calls]
-    assert kinds == ["session", "prepare", "mount", "feed", "feed", "ssh", "unmount", "cleanup", "closed"]
+    # the copy is read back once the agent's processes and credentials are gone (the first cleanup)
+    assert kinds == ["session", "prepare", "copy-in", "feed", "feed", "ssh", "cleanup", "collect", "cleanup", "closed"]
     assert fake.calls[0] == ("session", False)  # the Fabric connection never forwards the agent
     gh_cmd, gh_data = fake.fed[0]
     assert "tar -x -p" in gh_cmd and "-C /run/devops-tasks-claude" in gh_cmd  # tmpfs, never the disk
@@ -445,10 +464,21 @@ def test_claude_bad_input_fails_before_the_vm(dev, fake, tmp_path, host_home):
     assert dev.booted == 0 and fake.calls == []
 
 
-def test_claude_asks_for_a_confined_mount(dev, fake, tmp_path, host_home):
+def test_claude_works_on_a_copy_by_default(dev, fake, tmp_path, host_home):
     dev.booted = 1
-    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home) == 0
-    assert fake.confine == [("check", "require"), ("mount", "require")]
+    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True, include_ignored=True), {}, host_home) == 0
+    assert fake.confine == [] and not any(c[0] == "mount" for c in fake.calls)  # no mount, no sftp-server
+    root, name, kw = fake.copy
+    assert root == (tmp_path / "proj").resolve() and name == "core-dev"
+    assert kw["include_ignored"] is True and kw["guest_dir"] == "/app" and kw["agent_user"] == "dev"
+
+
+def test_claude_live_asks_for_a_confined_mount_with_git_read_only(dev, fake, tmp_path, host_home):
+    dev.booted = 1
+    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True, live=True), {}, host_home) == 0
+    assert fake.confine == [("check", "require", (".git",)), ("mount", "require", (".git",))]
+    kinds = [c[0] for c in fake.calls]
+    assert kinds == ["session", "prepare", "mount", "ssh", "unmount", "cleanup", "closed"]
 
 
 def test_claude_refuses_an_unconfined_mount_before_booting(dev, fake, tmp_path, host_home, monkeypatch):
@@ -457,18 +487,26 @@ def test_claude_refuses_an_unconfined_mount_before_booting(dev, fake, tmp_path, 
     monkeypatch.setattr(guest.sftp_server, "find_sftp_server", lambda environ=None: "/usr/lib/openssh/sftp-server")
     monkeypatch.setattr(guest.sftp_server, "_warned", set())
     monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    live = ClaudeOptions(no_auth=True, live=True)
     with pytest.raises(GuestError) as info:
-        run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home)
+        run_claude(dev, tmp_path, live, {}, host_home)
     message = str(info.value)
     assert "refusing to mount the project unconfined" in message and "apt-get install bubblewrap" in message
     assert "CORE_MOUNT_CONFINE=off" in message and "\n" not in message
     assert dev.booted == 0 and fake.calls == []
     monkeypatch.setenv("CORE_MOUNT_CONFINE", "auto")  # auto is not enough for claude
     with pytest.raises(GuestError, match="refusing to mount the project unconfined"):
-        run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home)
+        run_claude(dev, tmp_path, live, {}, host_home)
     monkeypatch.setenv("CORE_MOUNT_CONFINE", "off")  # said explicitly: runs
-    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home) == 0
+    assert run_claude(dev, tmp_path, live, {}, host_home) == 0
     assert dev.booted == 1
+
+
+def test_claude_on_a_copy_needs_no_sandbox(dev, fake, tmp_path, host_home, monkeypatch):
+    monkeypatch.setattr(guest, "sftp_server_command", REAL_SFTP_SERVER_COMMAND)
+    monkeypatch.setattr(guest.sftp_server, "find_bwrap", lambda environ=None: None)
+    monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    assert run_claude(dev, tmp_path, ClaudeOptions(no_auth=True), {}, host_home) == 0
 
 
 def test_claude_ctrl_c_cleans_up(dev, fake, tmp_path, host_home, monkeypatch):
@@ -480,7 +518,7 @@ def test_claude_ctrl_c_cleans_up(dev, fake, tmp_path, host_home, monkeypatch):
     monkeypatch.setattr(claude_code, "run_session", interrupted)
     assert run_claude(dev, tmp_path, ClaudeOptions(auth=["gh"]), {}, host_home) == 130
     kinds = [c[0] for c in fake.calls]
-    assert kinds[-3:] == ["unmount", "cleanup", "closed"]
+    assert kinds[-4:] == ["cleanup", "collect", "cleanup", "closed"]  # Ctrl-C keeps the review
 
 
 # --------------------------------------------------------------------------- the task
@@ -501,11 +539,13 @@ def test_task_parses_flags(monkeypatch, tmp_path):
     program = Program(namespace=ns)
     program.run(["inv", "claude", "--auth", "gh", "--auth", "git,ssh", "--model", "m1", "--vm", "v2",
                  "--project", str(tmp_path)], exit=False)
-    program.run(["inv", "claude", "--no-auth"], exit=False)
+    program.run(["inv", "claude", "--no-auth", "--live"], exit=False)
+    program.run(["inv", "claude", "--include-ignored"], exit=False)
     program.run(["inv", "claude"], exit=False)
     assert seen[0] == ("v2", str(tmp_path), ClaudeOptions(auth=["gh", "git", "ssh"], model="m1"))
-    assert seen[1][2] == ClaudeOptions(no_auth=True)
-    assert seen[2][1:] == (".", ClaudeOptions())
+    assert seen[1][2] == ClaudeOptions(no_auth=True, live=True)
+    assert seen[2][2] == ClaudeOptions(include_ignored=True)
+    assert seen[3][1:] == (".", ClaudeOptions())
 
 
 def test_task_exit_status_and_errors(monkeypatch):

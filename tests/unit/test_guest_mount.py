@@ -320,6 +320,31 @@ def test_a_confined_mount_never_reuses_an_unconfined_one(point, project, monkeyp
 
 
 @needs_fuse
+@needs_bwrap
+def test_a_git_read_only_mount_never_reuses_one_with_git_writable(point, project, monkeypatch):
+    """``inv test`` then ``inv claude --live``: claude must not get a mount through which .git is
+    writable; the other way round, test may use claude's stricter mount."""
+    monkeypatch.delenv("CORE_MOUNT_CONFINE", raising=False)
+    (project / ".git").mkdir()
+    (project / ".git" / "config").write_text("[core]\n")
+    conn = LocalConn()
+    with guest.Mount(conn, project, str(point), timeout=15, confine="require") as plain:
+        with pytest.raises(GuestError, match="holds a mount of this project through which .git is writable"):
+            guest.Mount(conn, project, str(point), timeout=15, confine="require", read_only=[".git"]).start()
+        assert mounted_at(point) == [plain.source]
+    with guest.Mount(conn, project, str(point), timeout=15, confine="require", read_only=[".git"]) as guarded:
+        assert ":guarded:" in guarded.source
+        with pytest.raises(OSError):
+            (point / ".git" / "config").write_text("[core]\n\tfsmonitor = x\n")
+        (point / "elsewhere.txt").write_text("written")
+        with guest.Mount(conn, project, str(point), timeout=15, confine="require") as user:
+            assert user.reused and user.confined
+    assert (project / ".git" / "config").read_text() == "[core]\n"
+    assert (project / "elsewhere.txt").read_text() == "written"
+    assert mounted_at(point) == []
+
+
+@needs_fuse
 def test_the_owner_leaving_waits_for_the_mount_s_other_users(point, project, capfd):
     """``inv serve`` ends while ``inv test`` runs on its mount: the mount stays until test ends."""
     conn = LocalConn()

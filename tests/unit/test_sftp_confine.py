@@ -29,7 +29,8 @@ WRAPPER = """\
 import os, sys
 from pathlib import Path
 from devops_tasks import guest
-command = guest.sftp_server_command(Path(os.environ["TEST_PROJECT"]), confine=os.environ["TEST_CONFINE"])
+command = guest.sftp_server_command(Path(os.environ["TEST_PROJECT"]), confine=os.environ["TEST_CONFINE"],
+                                   read_only=[p for p in os.environ.get("TEST_READ_ONLY", "").split(",") if p])
 sys.exit(command.start().wait())
 """
 
@@ -75,9 +76,9 @@ def layout(tmp_path):
     return project, secret, download, wrapper
 
 
-def sftp(wrapper: Path, project: Path, download: Path, commands: list[str], confine: str):
+def sftp(wrapper: Path, project: Path, download: Path, commands: list[str], confine: str, read_only: str = ""):
     """Run a batch of sftp commands (a leading "-" lets the batch go on after a failure)."""
-    env = {**os.environ, "TEST_PROJECT": str(project), "TEST_CONFINE": confine}
+    env = {**os.environ, "TEST_PROJECT": str(project), "TEST_CONFINE": confine, "TEST_READ_ONLY": read_only}
     env.pop("CORE_MOUNT_CONFINE", None)
     return subprocess.run(["sftp", "-b", "-", "-D", str(wrapper)], input="\n".join(commands) + "\n",
                           capture_output=True, text=True, cwd=download, env=env, timeout=60)
@@ -95,6 +96,31 @@ def test_the_project_reads_and_writes(layout):
     assert (download / "hello.txt").read_text() == "hello\n"
     assert (project / "from-guest.txt").read_text() == "hello\n"
     assert (project / "new-dir").is_dir()
+
+
+@needs_bwrap
+def test_git_takes_no_write_through_a_read_only_mount(layout):
+    """``inv claude --live``: .git (config, hooks: code the host runs) takes no write, by any name."""
+    project, _, download, wrapper = layout
+    git = project / ".git"
+    (git / "hooks").mkdir(parents=True)
+    (git / "config").write_text("[core]\n")
+    (project / "into-git").symlink_to(".git")
+    (download / "evil").write_text("[core]\n\tfsmonitor = touch /tmp/pwned\n")
+    before = {p: p.read_bytes() for p in git.rglob("*") if p.is_file()}
+    attempts = ["-put evil .git/config", "-put evil .git/hooks/pre-commit", "-put evil into-git/config",
+                "-rm .git/config", "-rename .git/config .git/config.old", "-rename .git moved-git",
+                "-mkdir .git/new", "-chmod 777 .git/config", "-symlink /tmp .git/hooks/link",
+                "put evil elsewhere.txt"]
+    result = sftp(wrapper, project, download, attempts, confine="require", read_only=".git")
+    assert result.returncode == 0, result.stderr
+    assert {p: p.read_bytes() for p in git.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in git.rglob("*")) == ["config", "hooks"]
+    assert (git / "config").stat().st_mode & 0o777 != 0o777
+    assert (project / "elsewhere.txt").read_text().startswith("[core]")  # the rest of the project: writable
+    # without the read-only bind the same batch reaches .git (the test sees the difference)
+    sftp(wrapper, project, download, ["-put evil .git/config"], confine="require")
+    assert "fsmonitor" in (git / "config").read_text()
 
 
 @needs_bwrap
@@ -228,14 +254,16 @@ def test_a_bwrap_that_cannot_sandbox_falls_back_or_refuses_with_its_reason(tmp_p
 def test_mount_passes_confine_through(tmp_path, fresh, monkeypatch):
     asked = []
 
-    def command(host_dir, server=None, confine=None, environ=None):
-        asked.append(confine)
+    def command(host_dir, server=None, confine=None, environ=None, read_only=()):
+        asked.append((confine, read_only))
         raise GuestError("stop here")
 
     monkeypatch.setattr(guest.mount, "sftp_server_command", command)
     with pytest.raises(GuestError, match="stop here"):
         guest.Mount(object(), tmp_path, confine="require").start()
-    assert asked == ["require"]
+    with pytest.raises(GuestError, match="stop here"):
+        guest.Mount(object(), tmp_path, confine="require", read_only=[".git"]).start()
+    assert asked == [("require", ()), ("require", (".git",))]
 
 
 @needs_sftp_server
