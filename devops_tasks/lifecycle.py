@@ -263,6 +263,7 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
             vm.save(record)
         except BaseException:
             _abort(vm, None)
+            hostkeys.forget_host(port)  # pinned above for this boot: a Ctrl-C here leaves no line
             raise
     return record
 
