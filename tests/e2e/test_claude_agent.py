@@ -96,3 +96,15 @@ def test_a_real_agent_turn_writes_the_file_into_a_review(agent_env):
     assert all(r["headers"].get("x-api-key") == env["ANTHROPIC_API_KEY"] for r in turns)  # added by the proxy
     assert "Network: restricted" in result.stdout
     assert has_tool_result(turns[-1]["body"])  # the agent sent the Write tool's result back
+
+
+def test_claude_code_state_persists_on_the_vm_disk(agent_env):
+    """~/.claude.json and ~/.claude/ of the agent user survive the runs above and a stop/boot."""
+    env, project, _ = agent_env
+    check = [DEVOPS, "shell", "--no-mount", "--", "sh", "-c", "test -f /home/dev/.claude.json && test -d /home/dev/.claude"]
+    assert subprocess.run(check, env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL).returncode == 0
+    for task in ("vm.stop", "vm.boot"):
+        done = subprocess.run([DEVOPS, task], env=env, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert subprocess.run(check, env=env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL).returncode == 0
