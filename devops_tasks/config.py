@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "ssh_port": 2222,
         "accel": "",
         "boot_timeout": 120,
+        "trust_host_ca": True,
+        "ca_bundle": "",
     },
 }
 
@@ -78,6 +80,9 @@ class VMConfig:
     ssh_port: int = DEFAULTS["vm"]["ssh_port"]
     accel: str = DEFAULTS["vm"]["accel"]
     boot_timeout: float = DEFAULTS["vm"]["boot_timeout"]
+    # hand the guest the CA certificates the host trusts beyond the public ones (see handoff.py)
+    trust_host_ca: bool = DEFAULTS["vm"]["trust_host_ca"]
+    ca_bundle: str = DEFAULTS["vm"]["ca_bundle"]  # "" = the host's system bundle
 
     def check(self, origin: str) -> None:
         """Values a VM cannot start with are errors naming ``origin`` and the key."""
@@ -130,6 +135,8 @@ class Config:
                     ssh_port=int(vm["ssh_port"]),
                     accel=str(vm["accel"] or ""),
                     boot_timeout=float(vm["boot_timeout"]),
+                    trust_host_ca=_bool(vm["trust_host_ca"], f"{origin}: vm.trust_host_ca"),
+                    ca_bundle=str(vm["ca_bundle"] or ""),
                 ),
             )
         except (TypeError, ValueError) as exc:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import guest, hostkeys, paths
+from . import guest, handoff, hostkeys, paths
 from .config import Config, default_config, env_float
 from .errors import NotRunningError, VMError
 from .fsutil import file_lock
@@ -147,11 +147,12 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             machine.echo("The installed image changed since this VM's disk was made: starting from a fresh disk")
         login_key = hostkeys.ensure_login_key()
         host_key = hostkeys.ensure_key(vm.host_key, f"devops-tasks-{name}")
+        handed = handoff.boot_files(vm.path, machine.config.vm.trust_host_ca, machine.config.vm.ca_bundle)
         disk.rotate_log(vm.serial_log)
         record = None
         try:
             record = _start(vm, opts, machine.config.vm.ssh_port, image, binary, arch, accel, contract,
-                            host_key, login_key)
+                            host_key, login_key, handed if contract else ())
             _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
@@ -166,7 +167,8 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
 
 
 def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary: str, arch: str,
-           accel: str, contract: bool, host_key: Path, login_key: Path) -> VMRecord:
+           accel: str, contract: bool, host_key: Path, login_key: Path,
+           guest_files: tuple[tuple[str, Path], ...] = ()) -> VMRecord:
     """Choose the port and start QEMU under the ports lock, so two boots never pick the same port."""
     with file_lock(paths.vms_dir() / ".ports.lock"):
         port = pick_port(opts.ssh_port, default_port, reserved=_ports_in_use(except_name=vm.name))
@@ -176,6 +178,7 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
             serial_log=vm.serial_log, ssh_port=port, host_key=host_key,
             authorized_keys=Path(str(login_key) + ".pub"),
             firmware=aarch64_firmware() if arch == "arm64" else None,
+            guest_files=guest_files,
         )
         if contract:
             hostkeys.pin_host_key(port, host_key)

@@ -7,6 +7,7 @@ use the binary of the image's architecture, and forward SSH on 127.0.0.1 only.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..errors import VMError
 
 FW_CFG_VENDOR = "opt/devops-tasks"
 ACCELS = ("kvm", "hvf", "tcg")
+_FW_CFG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,30}$")  # fw_cfg names hold 55 bytes
 
 _BINARIES = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
 # Which package provides the binary, to name it in the "QEMU missing" error.
@@ -56,6 +58,8 @@ class MachineSpec:
     authorized_keys: Path | None = None  # guest contract: the tool's login public key
     firmware: Path | None = None  # arm64 UEFI code
     forwards: tuple[tuple[int, int], ...] = field(default=())  # extra (host, guest) TCP forwards
+    # guest contract: more files for the guest, (name under opt/devops-tasks/, host file)
+    guest_files: tuple[tuple[str, Path], ...] = field(default=())
 
 
 def accel_args(accel: str, arch: str) -> list[str]:
@@ -97,6 +101,10 @@ def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/ssh_host_ed25519_key,file={opt_value(spec.host_key)}"]
     if spec.authorized_keys:
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/authorized_keys,file={opt_value(spec.authorized_keys)}"]
+    for name, path in spec.guest_files:
+        if not _FW_CFG_NAME_RE.match(name):
+            raise VMError(f"invalid fw_cfg file name {name!r}")
+        argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/{name},file={opt_value(path)}"]
     return argv
 
 
