@@ -43,6 +43,9 @@ DEFAULT_INPUTS = ("package.json", "package-lock.json", "npm-shrinkwrap.json", "y
                   "composer.json", "composer.lock", "go.mod", "go.sum", "pyproject.toml", "setup.cfg", "setup.py",
                   "Pipfile", "Pipfile.lock", "poetry.lock", "uv.lock", *REQUIREMENTS)
 PIP_WITH_GROUPS = "pip>=25.1"  # the first pip with --group (PEP 735 dependency groups)
+# project folders installs make: a step's kept key lists those there when it finished, and the step
+# runs again when one of them is gone (deleted on the host, say)
+OUTPUT_DIRS = ("node_modules", "vendor")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Step:
 
     name: str
     commands: tuple[str, ...]
-    reason: str  # why it applies, for the user
+    summary: str  # what it does, for the user
     inputs: tuple[str, ...] = ()  # project files (relative) whose contents key it
     creates: str = ""  # the project folder it makes (node_modules, vendor); "" = none
     venv: bool = False  # makes the project's virtual environment (guest side)
@@ -114,7 +117,7 @@ def plan(project_dir: Path, config: TestConfig | None = None, command: str = "")
     root = Path(project_dir)
     if config is not None and config.setup:
         inputs = _expand(root, config.setup_inputs or DEFAULT_INPUTS)
-        steps: tuple[Step, ...] = (Step("setup", tuple(config.setup), ".core/test.yaml setup", inputs,
+        steps: tuple[Step, ...] = (Step("setup", tuple(config.setup), "; ".join(config.setup), inputs,
                                         explicit=True),)
     else:
         steps = tuple(step for step in (_npm(root), _composer(root), _python(root, command)) if step is not None)
@@ -139,18 +142,18 @@ def _npm(root: Path) -> Step | None:
         return None
     for lock in ("package-lock.json", "npm-shrinkwrap.json"):
         if (root / lock).is_file():
-            return Step("npm", ("npm ci",), lock, ("package.json", lock), creates="node_modules", tool="npm")
+            return Step("npm", ("npm ci",), "npm ci", ("package.json", lock), creates="node_modules", tool="npm")
     data = _json(package)
     if not any(isinstance(data.get(k), dict) and data[k] for k in ("dependencies", "devDependencies")):
         return None
-    return Step("npm", ("npm install --no-package-lock",), "package.json without a lock file", ("package.json",),
+    return Step("npm", ("npm install --no-package-lock",), "npm install --no-package-lock", ("package.json",),
                 creates="node_modules", tool="npm")
 
 
 def _composer(root: Path) -> Step | None:
     if not (root / "composer.json").is_file() or not (root / "composer.lock").is_file():
         return None
-    return Step("composer", ("composer install --no-interaction",), "composer.lock",
+    return Step("composer", ("composer install --no-interaction",), "composer install",
                 ("composer.json", "composer.lock"), creates="vendor", tool="composer")
 
 
@@ -206,26 +209,22 @@ def _python(root: Path, command: str) -> Step | None:
     venv = f"{state_dir(root)}/venv"
     pip = f"{venv}/bin/python -m pip install -q"
     commands = [f"python3 -m venv {venv}"]
-    reasons = []
+    installs = []
     if groups:
-        commands.append(f"{pip} {shlex.quote(PIP_WITH_GROUPS)}")
+        installs.append(shlex.quote(PIP_WITH_GROUPS))
     if installable or groups:
         target = "." + (f"[{','.join(extras)}]" if extras else "")
         words = ["-e", target] + [f"--group={group}" for group in groups]
         if command_uses_pytest(command):
             words.append("pytest")
-        commands.append(f"{pip} {shlex.join(words)}")
-        reasons.append("test extras " + ", ".join(extras) if extras else
-                       "dependency groups " + ", ".join(groups) if groups else "its dependencies")
-    for name in requirements:
-        commands.append(f"{pip} -r {shlex.quote(name)}")
+        installs.append(shlex.join(words))
+    installs += [f"-r {shlex.quote(name)}" for name in requirements]
     if requirements and not (installable or groups) and command_uses_pytest(command):
-        commands.append(f"{pip} pytest")
-    if requirements:
-        reasons.append(", ".join(requirements))
+        installs.append("pytest")
+    commands += [f"{pip} {args}" for args in installs]
     inputs = tuple(name for name in ("pyproject.toml", "setup.cfg", "setup.py") if (root / name).is_file())
-    return Step("python", tuple(commands), "a virtual environment with " + " and ".join(reasons),
-                inputs + tuple(requirements), venv=True, tool="python3-venv")
+    summary = "a virtual environment, pip install " + "; pip install ".join(installs)
+    return Step("python", tuple(commands), summary, inputs + tuple(requirements), venv=True, tool="python3-venv")
 
 
 def command_uses_pytest(command: str) -> bool:
@@ -241,8 +240,8 @@ def command_uses_pytest(command: str) -> bool:
 
 def probe_script(plan: Plan, programs: Iterable[str] = ()) -> str:
     """One guest command (shell builtins only) that prints what the decisions need: ``have NAME``
-    for each program found, ``have python3-venv``, ``have venv`` (the project's), ``key STEP KEY``
-    for each key the guest kept."""
+    for each program found, ``have python3-venv``, ``have venv`` (the project's), ``key STEP KEY
+    [DIR...]`` for each key the guest kept (with the output folders there when it was kept)."""
     wanted = sorted({step.tool for step in plan.steps if step.tool and step.tool != "python3-venv"} | set(programs))
     lines = []
     if wanted:
@@ -264,17 +263,19 @@ class Facts:
 
     have: frozenset[str] = frozenset()
     keys: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # step -> folders when kept
 
     @classmethod
     def parse(cls, text: str) -> "Facts":
-        have, keys = set(), {}
+        have, keys, outputs = set(), {}, {}
         for line in text.splitlines():
             words = line.split()
             if len(words) == 2 and words[0] == "have":
                 have.add(words[1])
-            elif len(words) == 3 and words[0] == "key":
+            elif len(words) >= 3 and words[0] == "key":
                 keys[words[1]] = words[2]
-        return cls(frozenset(have), keys)
+                outputs[words[1]] = tuple(words[3:])
+        return cls(frozenset(have), keys, outputs)
 
 
 @dataclass(frozen=True)
@@ -293,40 +294,46 @@ def decide(root: Path, plan: Plan, facts: Facts, force: bool = False) -> list[De
     for step in plan.steps:
         key = plan.keys[step.name]
         kept = facts.keys.get(step.name)
-        what = f"{' && '.join(step.commands) if not step.venv else 'a virtual environment'} ({step.reason})"
-        if step.creates:
-            missing = not (Path(root) / step.creates).exists()
-        elif step.venv:
-            missing = "venv" not in facts.have
+        gone = [d for d in facts.outputs.get(step.name, ()) if not (Path(root) / d).exists()] if kept == key else []
+        if step.creates and not (Path(root) / step.creates).exists():
+            missing = f"no {step.creates}"
+        elif step.venv and "venv" not in facts.have:
+            missing = "first run" if kept is None else "no virtual environment"
+        elif gone:
+            missing = f"no {gone[0]}"
         else:
-            missing = False
+            missing = ""
         if force:
             why = "--setup"
         elif missing:
-            why = f"no {step.creates}" if step.creates else "first run"
+            why = missing
         elif kept is None and step.creates:
             out.append(Decision(step, False, ""))
             continue
         elif kept != key:
             why = f"{', '.join(step.inputs)} changed" if kept is not None and step.inputs else "first run"
         else:
-            out.append(Decision(step, False, f"Dependencies up to date: {what}"))
+            unchanged = f"{', '.join(step.inputs)} unchanged" if step.inputs else "done before"
+            out.append(Decision(step, False, f"Dependencies up to date ({unchanged}): {step.summary}"))
             continue
         if step.tool and step.tool not in facts.have:
             program = "python3's venv module" if step.tool == "python3-venv" else step.tool
-            out.append(Decision(step, False, f"Not installing dependencies, {what}: {program} is not in this "
-                                             "image (the dev image has it: images.build.recipe: dev)"))
+            out.append(Decision(step, False, f"Not installing dependencies ({step.summary}): {program} is not in "
+                                             "this image (the dev image has it: images.build.recipe: dev)"))
             continue
-        out.append(Decision(step, True, f"Installing dependencies: {what}, {why}"))
+        out.append(Decision(step, True, f"Installing dependencies ({why}): {step.summary}"))
     return out
 
 
 def run_script(step: Step, plan: Plan) -> str:
-    """The step's commands, one after the other (each in its own subshell), then its key."""
+    """The step's commands, one after the other (each in its own subshell), then its key and the
+    output folders there now."""
     body = " &&\n".join(f"(\n{command}\n)" for command in step.commands)
     key_file = f"{plan.state_dir}/{step.name}.key"
+    dirs = " ".join(OUTPUT_DIRS)
     return (f"{body} &&\nmkdir -p {shlex.quote(plan.state_dir)} &&\n"
-            f"echo {shlex.quote(plan.keys[step.name])} > {shlex.quote(key_file)}\n")
+            f"{{ printf %s {shlex.quote(plan.keys[step.name])}; for d in {dirs}; do [ -e \"$d\" ] && printf ' %s' \"$d\"; done;"
+            f" echo; }} > {shlex.quote(key_file)}\n")
 
 
 __all__ = ["Decision", "Plan", "Step", "Facts", "plan", "decide", "probe_script", "run_script", "project_id"]
