@@ -173,10 +173,10 @@ def env_file(env: Mapping[str, str]) -> bytes:
 
 # -- the files -----------------------------------------------------------------------------------
 
-def boot_files(folder: Path, trust_host_ca: bool = True, ca_bundle: str = "",
-               environ: Mapping[str, str] = os.environ) -> tuple[tuple[str, Path], ...]:
-    """Write this boot's hand-off files into the VM's ``folder`` (0600) and remove those it does
-    not need; -> (fw_cfg name, file) pairs for QEMU."""
+def boot_data(trust_host_ca: bool = True, ca_bundle: str = "",
+              environ: Mapping[str, str] = os.environ) -> dict[str, bytes]:
+    """This boot's hand-off, by fw_cfg name (only what there is). A broken ``vm.ca_bundle`` fails
+    here, before anything is started or written."""
     wanted: dict[str, bytes] = {}
     extra, _source = extra_certificates(trust_host_ca, ca_bundle, environ)
     if extra:
@@ -184,6 +184,12 @@ def boot_files(folder: Path, trust_host_ca: bool = True, ca_bundle: str = "",
     env = guest_proxy_env(environ)
     if env:
         wanted[ENV_FILE] = env_file(env)
+    return wanted
+
+
+def write_boot_files(folder: Path, wanted: Mapping[str, bytes]) -> tuple[tuple[str, Path], ...]:
+    """Write the hand-off into the VM's ``folder`` (0600) and remove what this boot does not hand
+    over; -> (fw_cfg name, file) pairs for QEMU."""
     files = []
     for name in (CA_FILE, ENV_FILE):
         path = Path(folder) / f"guest-{name}"
@@ -194,3 +200,9 @@ def boot_files(folder: Path, trust_host_ca: bool = True, ca_bundle: str = "",
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     return tuple(files)
+
+
+def boot_files(folder: Path, trust_host_ca: bool = True, ca_bundle: str = "",
+               environ: Mapping[str, str] = os.environ) -> tuple[tuple[str, Path], ...]:
+    """:func:`boot_data` written by :func:`write_boot_files`."""
+    return write_boot_files(folder, boot_data(trust_host_ca, ca_bundle, environ))

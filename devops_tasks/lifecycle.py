@@ -127,6 +127,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
     binary = qemu_binary(arch)
     accel = detect_accel(arch, accel_override(machine.config.vm.accel))
     timeout = env_float("CORE_BOOT_TIMEOUT", machine.config.vm.boot_timeout)
+    handoff_data = handoff.boot_data(machine.config.vm.trust_host_ca, machine.config.vm.ca_bundle) if contract else {}
     vm.ensure()
     with stop_as_interrupt(), vm.locked():
         old = vm.load()
@@ -147,12 +148,12 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             machine.echo("The installed image changed since this VM's disk was made: starting from a fresh disk")
         login_key = hostkeys.ensure_login_key()
         host_key = hostkeys.ensure_key(vm.host_key, f"devops-tasks-{name}")
-        handed = handoff.boot_files(vm.path, machine.config.vm.trust_host_ca, machine.config.vm.ca_bundle)
+        handed = handoff.write_boot_files(vm.path, handoff_data)
         disk.rotate_log(vm.serial_log)
         record = None
         try:
             record = _start(vm, opts, machine.config.vm.ssh_port, image, binary, arch, accel, contract,
-                            host_key, login_key, handed if contract else ())
+                            host_key, login_key, handed)
             _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)

@@ -285,3 +285,13 @@ def test_the_mount_leaves_no_set_id_bit_device_or_fifo_on_the_host(point, projec
     assert stat.S_IMODE((project / "both").stat().st_mode) == 0o777
     assert stat.S_IMODE((project / "sticky-dir").stat().st_mode) == 0o777
     assert stat.S_IMODE((project / "created-suid").stat().st_mode) == 0o755 & ~os.umask(os.umask(0))
+
+
+def test_sshfs_symlink_containment_is_off_when_the_guests_sshfs_has_it():
+    """Debian's sshfs refuses every link whose target holds '..' unless told not to (its server,
+    the host's project, is no threat to the guest); older ones do not know the option."""
+    from devops_tasks.guest.mount import mount_script
+
+    script = mount_script("/app", "devops-tasks:0123", "t")
+    assert 'grep -qs no_contain_symlinks "$s" && o="$o,no_contain_symlinks"' in script
+    assert 'sshfs : "$D" -f -o "$o"' in script
