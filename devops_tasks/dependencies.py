@@ -13,9 +13,9 @@ else each ecosystem's obvious install when it is needed:
   VM's disk (not in the project) and its ``bin`` comes first on the command's PATH.
 
 A step's key is a hash of its commands and of the files it depends on (manifests and lock files).
-The guest keeps the key of each step that ran to the end; a step runs again when its key changed,
-or (a detected one) when what it makes is missing. A detected step never replaces a node_modules
-or vendor/ it did not make.
+The guest keeps the key of each step that ran to the end, with the output folders (node_modules,
+vendor) there then; a step runs again when its key changed or when what it made is missing. A
+detected step never replaces a node_modules or vendor/ it did not make.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class Step:
     creates: str = ""  # the project folder it makes (node_modules, vendor); "" = none
     venv: bool = False  # makes the project's virtual environment (guest side)
     tool: str = ""  # the guest program it needs ("" = none to check)
-    explicit: bool = False  # from .core/test.yaml
 
 
 @dataclass(frozen=True)
@@ -117,8 +116,7 @@ def plan(project_dir: Path, config: TestConfig | None = None, command: str = "")
     root = Path(project_dir)
     if config is not None and config.setup:
         inputs = _expand(root, config.setup_inputs or DEFAULT_INPUTS)
-        steps: tuple[Step, ...] = (Step("setup", tuple(config.setup), "; ".join(config.setup), inputs,
-                                        explicit=True),)
+        steps: tuple[Step, ...] = (Step("setup", tuple(config.setup), "; ".join(config.setup), inputs),)
     else:
         steps = tuple(step for step in (_npm(root), _composer(root), _python(root, command)) if step is not None)
     if not steps:
@@ -287,9 +285,10 @@ class Decision:
 
 def decide(root: Path, plan: Plan, facts: Facts, force: bool = False) -> list[Decision]:
     """Whether each step runs now, and what to say about it. A step runs when forced, when what it
-    makes is missing, or when its key differs from the one the guest kept (an explicit or venv step
-    without a kept key runs too: it never finished). A detected step whose node_modules or vendor/
-    is there without a kept key leaves them alone: they are the user's."""
+    makes is missing (node_modules, vendor/, the venv, or an output folder it left), or when its key
+    differs from the one the guest kept (no kept key: it never ran to the end). A detected step
+    whose node_modules or vendor/ is there without a kept key leaves them alone: they are the
+    user's."""
     out = []
     for step in plan.steps:
         key = plan.keys[step.name]
