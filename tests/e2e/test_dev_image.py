@@ -169,6 +169,27 @@ def test_the_dev_image_has_every_toolchain(dev, tmp_path):
                       "&& cc -o h h.c && ./h && printf '#include <Python.h>\\n' | cc -E -I/usr/include/python3.11 - "
                       ">/dev/null && echo headers ok")
     assert hello.stdout.split("\n")[:2] == ["cc ok", "headers ok"], hello.stderr
+    addon = dev.guest(NODE_ADDON, timeout=600)
+    assert addon.returncode == 0 and addon.stdout.endswith("native ok\n"), addon.stdout[-2000:] + addon.stderr
+
+
+# A Node-API addon built by npm's node-gyp against the headers in the image: no download from nodejs.org
+NODE_ADDON = """set -e
+mkdir -p /tmp/addon && cd /tmp/addon
+echo '{"targets": [{"target_name": "hello", "sources": ["hello.c"]}]}' > binding.gyp
+cat > hello.c <<'END'
+#include <node_api.h>
+static napi_value hi(napi_env env, napi_callback_info info) {
+    napi_value s; napi_create_string_utf8(env, "native ok", NAPI_AUTO_LENGTH, &s); return s;
+}
+NAPI_MODULE_INIT() {
+    napi_value f; napi_create_function(env, "hi", NAPI_AUTO_LENGTH, hi, NULL, &f);
+    napi_set_named_property(env, exports, "hi", f); return exports;
+}
+END
+node /usr/local/lib/node_modules/npm/node_modules/node-gyp/bin/node-gyp.js rebuild >/dev/null 2>&1
+node -e 'console.log(require("./build/Release/hello.node").hi())'
+"""
 
 
 def test_python_sdist_from_pypi_with_its_test_extra(dev, tmp_path):
