@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "accel": "",
         "boot_timeout": 120,
         "network": "open",
+        "trust_host_ca": True,
+        "ca_bundle": "",
     },
     "claude": {
         "allow": DEFAULT_ALLOW,
@@ -92,6 +94,9 @@ class VMConfig:
     accel: str = DEFAULTS["vm"]["accel"]
     boot_timeout: float = DEFAULTS["vm"]["boot_timeout"]
     network: str = DEFAULTS["vm"]["network"]  # open | restricted
+    # hand the guest the CA certificates the host trusts beyond the public ones (see handoff.py)
+    trust_host_ca: bool = DEFAULTS["vm"]["trust_host_ca"]
+    ca_bundle: str = DEFAULTS["vm"]["ca_bundle"]  # "" = the host's system bundle
 
     def check(self, origin: str) -> None:
         """Values a VM cannot start with are errors naming ``origin`` and the key."""
@@ -187,6 +192,8 @@ class Config:
                     accel=str(vm["accel"] or ""),
                     boot_timeout=float(vm["boot_timeout"]),
                     network=str(vm["network"] or "").strip().lower(),
+                    trust_host_ca=_bool(vm["trust_host_ca"], f"{origin}: vm.trust_host_ca"),
+                    ca_bundle=str(vm["ca_bundle"] or ""),
                 ),
                 claude=ClaudeConfig(
                     allow=_word_list(claude["allow"], f"{origin}: claude.allow"),

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import guest, hostkeys, paths
+from . import guest, handoff, hostkeys, paths
 from .config import Config, check_network_mode, default_config, env_float
 from .errors import DevopsError, NotRunningError, VMError
 from .fsutil import atomic_write_text, file_lock
@@ -189,6 +189,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
     accel = detect_accel(arch, accel_override(machine.config.vm.accel))
     timeout = env_float("CORE_BOOT_TIMEOUT", machine.config.vm.boot_timeout)
     socat = socat_binary() if network == "restricted" else ""
+    handoff_data = handoff.boot_data(machine.config.vm.trust_host_ca, machine.config.vm.ca_bundle) if contract else {}
     vm.ensure()
     with stop_as_interrupt(), vm.locked():
         old = vm.load()
@@ -211,11 +212,12 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             machine.echo("The installed image changed since this VM's disk was made: starting from a fresh disk")
         login_key = hostkeys.ensure_login_key()
         host_key = hostkeys.ensure_key(vm.host_key, f"devops-tasks-{name}")
+        handed = handoff.write_boot_files(vm.path, handoff_data)
         disk.rotate_log(vm.serial_log)
         record = None
         try:
             record = _start(vm, opts, machine.config.vm.ssh_port, image, binary, arch, accel, contract,
-                            host_key, login_key, network, socat)
+                            host_key, login_key, network, socat, handed)
             _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
@@ -232,7 +234,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
 
 def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary: str, arch: str,
            accel: str, contract: bool, host_key: Path, login_key: Path, network: str = "open",
-           socat: str = "") -> VMRecord:
+           socat: str = "", guest_files: tuple[tuple[str, Path], ...] = ()) -> VMRecord:
     """Choose the port and start QEMU under the ports lock, so two boots never pick the same port."""
     with file_lock(paths.vms_dir() / ".ports.lock"):
         port = pick_port(opts.ssh_port, default_port, reserved=_ports_in_use(except_name=vm.name))
@@ -244,6 +246,7 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
             firmware=aarch64_firmware() if arch == "arm64" else None,
             network=network, proxy_socket=vm.proxy_socket if network == "restricted" else None,
             socat=socat or "socat",
+            guest_files=guest_files,
         )
         if contract:
             hostkeys.pin_host_key(port, host_key)

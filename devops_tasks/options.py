@@ -75,6 +75,7 @@ class TestOptions:
 
     name: str = ""
     command: list[str] = field(default_factory=list)
+    setup: bool = False  # run the dependency setup even when nothing it depends on changed
 
 
 @dataclass

@@ -27,7 +27,7 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence, Union
 
 import yaml
@@ -66,6 +66,10 @@ class TestConfig:
     command: str = ""
     commands: list[TestCommand] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # commands run in /app before the test (and serve) command, skipped while nothing they depend
+    # on changed: the files setup_inputs names (globs), else the usual manifests and lock files
+    setup: list[str] = field(default_factory=list)
+    setup_inputs: list[str] = field(default_factory=list)
 
     def find(self, name: str) -> TestCommand | None:
         """The first command called ``name`` (first wins, like the Go loop), or None."""
@@ -216,7 +220,7 @@ def _config_from_node(path: Path, root: Node | None) -> TestConfig:
         return config  # an empty file, like Go: every field keeps its default
     if not isinstance(root, MappingNode):
         raise _shape_error(
-            path, root, f"the top level must be a mapping (version, command, commands, env), not a {_kind(root)}"
+            path, root, f"the top level must be a mapping (version, command, commands, env, setup), not a {_kind(root)}"
         )
     for key, _key_node, value in _mapping(path, root, "top level"):
         if key == "version":
@@ -227,8 +231,33 @@ def _config_from_node(path: Path, root: Node | None) -> TestConfig:
             config.commands = _commands(path, value)
         elif key == "env":
             config.env = _env(path, value)
+        elif key == "setup":
+            config.setup = _words(path, value, "setup")
+        elif key == "setup_inputs":
+            config.setup_inputs = _words(path, value, "setup_inputs")
+            for pattern, item in zip(config.setup_inputs, value.value if isinstance(value, SequenceNode) else [value]):
+                pure = PurePosixPath(pattern)
+                if pure.is_absolute() or ".." in pure.parts:
+                    raise _shape_error(path, item, f"`setup_inputs`: {pattern!r} must be a path inside the project")
         # other keys are ignored, as the Go struct ignored them
     return config
+
+
+def _words(path: Path, node: Node, what: str) -> list[str]:
+    """A string or a list of strings (each one non-empty)."""
+    if _is_null(node):
+        return []
+    items = node.value if isinstance(node, SequenceNode) else [node]
+    if not isinstance(node, (SequenceNode, ScalarNode)):
+        raise _shape_error(path, node, f"`{what}` must be a string or a list of strings, not a {_kind(node)}")
+    result = []
+    for index, item in enumerate(items):
+        where = f"{what}[{index}]" if isinstance(node, SequenceNode) else what
+        text = _text(path, item, where, required=True).strip()
+        if not text:
+            raise _shape_error(path, item, f"`{where}` is empty")
+        result.append(text)
+    return result
 
 
 def _version(path: Path, node: Node) -> int:
@@ -341,11 +370,14 @@ def detect_test_command(project_dir: PathLike) -> str:
     return ""
 
 
-def _load_if_present(project_dir: PathLike) -> TestConfig | None:
+def test_config_or_none(project_dir: PathLike) -> TestConfig | None:
     """test.yaml when it exists (broken → ConfigError), None when there is none."""
     if not os.path.lexists(test_yaml_path(project_dir)):
         return None
     return load_test_config(project_dir)
+
+
+test_config_or_none.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def _go_quote(text: str) -> str:
@@ -365,7 +397,7 @@ def resolve_test_command(
     words = list(command)
     if words and not words[0].strip():
         raise ProjectError("the test command after -- is empty")
-    config = load_test_config(project_dir) if name and not words else _load_if_present(project_dir)
+    config = load_test_config(project_dir) if name and not words else test_config_or_none(project_dir)
     env = dict(config.env) if config is not None else {}
     if words:
         return shlex.join(words), env
@@ -445,3 +477,77 @@ def resolve_serve_dir(project_dir: PathLike, path: str = "") -> str:
     if relative == os.curdir:
         return GUEST_APP_DIR
     return GUEST_APP_DIR + "/" + Path(relative).as_posix()
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What runs instead of a detected command whose program the image may lack: ``command``
+    when the guest has no ``program`` ("" = decided here, from the project's files), saying
+    ``note``."""
+
+    program: str
+    command: str
+    note: str
+
+
+def _composer_requires(root: Path, package: str) -> bool:
+    data = _read_json_object(root / "composer.json") or {}
+    return any(isinstance(data.get(key), dict) and package in data[key] for key in ("require", "require-dev"))
+
+
+def serve_fallback(project_dir: PathLike, command: str, port: int = DEFAULT_SERVE_PORT) -> Fallback | None:
+    """FrankenPHP is in no image: PHP's own server serves a composer.json project; Laravel Octane
+    runs only when the project requires it, else Laravel's own ``artisan serve``."""
+    root = Path(project_dir)
+    port = _check_port(port)
+    if command == f"php artisan octane:start --host=0.0.0.0 --port={port}" and not _composer_requires(root, "laravel/octane"):
+        return Fallback("", f"php artisan serve --host=0.0.0.0 --port={port}",
+                        "composer.json does not require laravel/octane: serving with php artisan serve")
+    if command == f"frankenphp php-server -l :{port}":
+        return Fallback("frankenphp", f"php -S 0.0.0.0:{port}",
+                        "FrankenPHP is not in this image: serving with PHP's built-in server (php -S)")
+    return None
+
+
+def test_fallback(project_dir: PathLike, command: str) -> Fallback | None:
+    """``task test`` without ``task`` in the image: the Taskfile's ``test`` commands, run by the shell,
+    when they are plain commands (no templates, no other tasks)."""
+    if command != "task test":
+        return None
+    root = Path(project_dir)
+    for name in ("Taskfile.yaml", "Taskfile.yml"):
+        if _is_file(root / name):
+            commands = _taskfile_commands(root / name, "test")
+            if commands:
+                return Fallback("task", " && ".join(commands),
+                                f"task is not in this image: running the test task's cmds from {name} with sh")
+            return None
+    return None
+
+
+test_fallback.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+def _taskfile_commands(path: Path, name: str) -> list[str]:
+    """The task's ``cmds`` as shell commands, or [] when it needs Task itself to run."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    task = tasks.get(name) if isinstance(tasks, dict) else None
+    if isinstance(task, (str, list)):
+        task = {"cmds": [task] if isinstance(task, str) else task}
+    if not isinstance(task, dict) or set(task) - {"cmds", "desc", "summary", "silent"}:
+        return []
+    commands = []
+    for item in task.get("cmds") or []:
+        if isinstance(item, dict) and set(item) <= {"cmd", "silent"}:
+            item = item.get("cmd")
+        if not isinstance(item, str) or not item.strip() or "{{" in item:
+            return []
+        commands.append(item.strip())
+    return commands

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import guest
+from . import dependencies, guest
 from .errors import GuestError
 from .lifecycle import VM
 from .options import ServeOptions, ShellOptions, TestOptions
-from .project import GUEST_APP_DIR, is_project, project_root
+from .project import GUEST_APP_DIR, Fallback, is_project, project_root
 from .signals import INTERRUPTED, stop_as_interrupt
 
 
@@ -91,22 +91,56 @@ def test(vm: VM, project_dir: Path | str, opts: TestOptions) -> int:
     """Run the project's tests in the VM, in ``/app`` with the project mounted; their exit status.
 
     The command: ``opts.command`` words > ``opts.name`` from ``.core/test.yaml`` > detection, with
-    test.yaml's ``env`` applied (see :func:`project.resolve_test_command`). SIGTERM and SIGHUP end
+    test.yaml's ``env`` applied (see :func:`project.resolve_test_command`). The project's
+    dependencies are installed first when needed (:mod:`.dependencies`). SIGTERM and SIGHUP end
     it as Ctrl-C does, so the guest command and the mount are cleaned up.
     """
-    from .project import resolve_test_command
+    from .project import resolve_test_command, test_config_or_none, test_fallback
 
     root = project_root(project_dir)
     command, env = resolve_test_command(root, opts.name, opts.command)
+    plan = dependencies.plan(root, test_config_or_none(root), command)
+    fallback = None if opts.command else test_fallback(root, command)
     vm.ensure_running()
     where = vm.target()
     vm.echo(f"Running tests: {command}")
     try:
         with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
-            return guest.run(conn, command, cwd=GUEST_APP_DIR, env=env)
+            command, code = _prepare(vm, conn, root, plan, command, fallback, opts.setup)
+            if code:
+                return code
+            return guest.run(conn, command, cwd=GUEST_APP_DIR, env={**plan.env(), **env})
     except KeyboardInterrupt:
         vm.echo("Interrupted")
         return INTERRUPTED
+
+
+def _prepare(vm: VM, conn, root: Path, plan: dependencies.Plan, command: str, fallback: Fallback | None,
+             force: bool = False) -> tuple[str, int]:
+    """Before the command: one look into the guest (which programs it has, which setup keys it
+    kept), the fallback when the detected command's program is missing, then the setup steps that
+    must run. -> (the command to run, 0) or (command, the failed step's exit status)."""
+    if fallback is not None and not fallback.program:
+        vm.echo(f"Note: {fallback.note}")
+        command, fallback = fallback.command, None
+    if not plan.steps and fallback is None:
+        return command, 0
+    status, out, err = guest.capture(conn, dependencies.probe_script(plan, [fallback.program] if fallback else []))
+    if status != 0:
+        raise GuestError(f"cannot inspect the guest before running the command: {err.strip() or status}")
+    facts = dependencies.Facts.parse(out)
+    if fallback is not None and fallback.program not in facts.have:
+        vm.echo(f"Note: {fallback.note}")
+        command = fallback.command
+    for decision in dependencies.decide(root, plan, facts, force):
+        if decision.message:
+            vm.echo(decision.message)
+        if decision.run:
+            code = guest.run(conn, dependencies.run_script(decision.step, plan), cwd=GUEST_APP_DIR)
+            if code:
+                vm.echo(f"Installing dependencies failed (exit status {code}); the command did not run")
+                return command, code
+    return command, 0
 
 
 test.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
@@ -119,12 +153,14 @@ def serve(vm: VM, project_dir: Path | str, opts: ServeOptions) -> int:
     The host port is claimed first, so a taken port fails before anything starts in the guest.
     ``PORT`` is set for the server (the npm and ``go run`` commands read it).
     """
-    from .project import detect_serve_command, resolve_serve_dir
+    from .project import detect_serve_command, resolve_serve_dir, serve_fallback, test_config_or_none
 
     root = project_root(project_dir)
     port = opts.port
     command = detect_serve_command(root, port)
     workdir = resolve_serve_dir(root, opts.path)
+    plan = dependencies.plan(root, test_config_or_none(root), command)
+    fallback = serve_fallback(root, command, port)
     listener = guest.bind_local(port)  # a taken port fails before a VM is booted for nothing
     try:
         vm.ensure_running()
@@ -132,9 +168,12 @@ def serve(vm: VM, project_dir: Path | str, opts: ServeOptions) -> int:
         with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR), \
                 guest.Forward(conn, port, sock=listener):
             listener = None  # the Forward owns it now
+            command, code = _prepare(vm, conn, root, plan, command, fallback)
+            if code:
+                return code
             vm.echo(f"Serving {workdir} with: {command}")
             vm.echo(f"http://localhost:{port}")
-            return guest.run(conn, command, cwd=workdir, env={"PORT": str(port)})
+            return guest.run(conn, command, cwd=workdir, env={**plan.env(), "PORT": str(port)})
     except KeyboardInterrupt:
         vm.echo("Stopped")
         return 0

@@ -20,7 +20,7 @@ from typing import Callable
 from .. import paths
 from ..errors import ImageError
 from ..fsutil import file_lock, fsync_dir
-from . import disk, rootfs
+from . import disk, fixups, rootfs
 from .apt import Apt, Package
 from .kernel import KernelTree
 from .npm import Npm, NpmPin
@@ -31,7 +31,7 @@ from .tools import disk_full_error, require_tools
 # Bump when the builder's output changes for the same recipe and packages.
 BUILDER_REVISION = 1
 GUEST_CONTRACT = 1
-KEEP_CACHED_IMAGES = 3
+KEEP_CACHED_IMAGES = 2  # per recipe
 WORK_SPACE_NEEDED = 1536 << 20  # unpacked root (~250 MB) + raw disk blocks + qcow2 + debs, with margin
 
 Log = Callable[[str], None]
@@ -168,6 +168,8 @@ def _assemble(p: Plan, work: Path, out: Path, log: Log) -> None:
     rootfs.extract([debs[pkg] for pkg in p.packages], root, jobs=max(2, os.cpu_count() or 2))
     epoch = rootfs.newest_mtime(root)
     rootfs.remove_excluded(root, recipe.exclude)
+    for line in fixups.apply(root):
+        log(f"Made {line}")
     rootfs.busybox_links(root)
     for package, tarball in zip(recipe.npm, tarballs):
         with _naming(recipe):
@@ -235,7 +237,11 @@ def _remove_leftovers(cache: Path) -> None:
 
 
 def _prune(images: Path, keep: str) -> None:
-    found = sorted(images.glob("*.qcow2"), key=lambda path: path.stat().st_mtime, reverse=True)
+    """Keep the newest KEEP_CACHED_IMAGES builds of each recipe (a build of one recipe never
+    pushes another recipe's image out of a shared cache)."""
+    recipe = keep.rpartition("-")[0]
+    found = sorted((path for path in images.glob("*.qcow2") if path.stem.rpartition("-")[0] == recipe),
+                   key=lambda path: path.stat().st_mtime, reverse=True)
     for old in found[KEEP_CACHED_IMAGES:]:
         if old.stem != keep:
             with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -31,6 +32,9 @@ DIR_MODES = {"tmp": 0o1777, "var/tmp": 0o1777, "root": 0o700, "root/.ssh": 0o700
              AGENT_HOME.lstrip("/"): 0o700}
 # guest path -> (uid, gid) for what is not root's (set in the ext4 image: the builder needs no root)
 OWNERS = {AGENT_HOME: (AGENT_UID, AGENT_GID)}
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+IMAGE_CA_BUNDLE = "/usr/lib/devops-tasks/ca-certificates.crt"  # the image's own, read at boot
+BOOT_CA_BUNDLE = "/run/host/ca-certificates.crt"  # the image's plus the host's (the ssh service)
 
 
 def image_files_dir() -> Path:
@@ -160,8 +164,21 @@ def guest_files(root: Path, recipe: Recipe) -> None:
     _symlink(root, "sbin/init", "/bin/busybox")
     for extra in recipe.files:
         write_file(root, extra.path, extra.data, extra.mode)
+    ca_bundle_at_boot(root)
     if not (root / shell.lstrip("/")).exists() and not os.path.lexists(root / shell.lstrip("/")):
         raise ImageError(f"{recipe.path}: shell {shell} is not in the root file system: add its package or fix 'shell'")
+
+
+def ca_bundle_at_boot(root: Path) -> None:
+    """The system CA bundle is made at each boot: the image's own (when a package or the recipe
+    put one at the usual path, moved to IMAGE_CA_BUNDLE) plus the certificates the host hands in.
+    So /etc/ssl/certs/ca-certificates.crt points to tmpfs, in every image."""
+    bundle = root / SYSTEM_CA_BUNDLE.lstrip("/")
+    if bundle.is_file() and not bundle.is_symlink():
+        kept = root / IMAGE_CA_BUNDLE.lstrip("/")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(bundle, kept)
+    _symlink(root, SYSTEM_CA_BUNDLE.lstrip("/"), BOOT_CA_BUNDLE)
 
 
 def _symlink(root: Path, rel: str, target: str) -> None:
@@ -183,7 +200,8 @@ def compile_python(root: Path) -> None:
     loader, on the host): without .pyc files ``python3 -m pytest`` spends ~15 s compiling under TCG.
     One process, sorted order, timestamp mode (sources carry the fixed epoch), and -B so the modules
     compileall itself imports are not cached with the staging path in them: byte-identical."""
-    interpreters = sorted(p for p in (root / "usr/bin").glob("python3.[0-9]*") if p.name.count(".") == 1)
+    interpreters = sorted((p for p in (root / "usr/bin").glob("python3.[0-9]*") if re.fullmatch(r"python3\.\d+", p.name)),
+                          key=lambda p: int(p.name.split(".")[1]))
     loader = root / "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
     if not interpreters or not loader.is_file():
         return

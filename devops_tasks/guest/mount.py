@@ -74,6 +74,12 @@ def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str]
     * otherwise ``serve`` (the host starts its sftp-server now), sshfs runs in the background on
       this channel's stdin/stdout, the script waits for ``/proc/mounts`` to list it (``mounted``),
       then for sshfs to end.
+
+    An sshfs that knows ``contain_symlinks`` (on by default since Debian's 3.7.3-1.2~deb12u1) would
+    refuse every symlink whose target holds ``..`` (npm's node_modules/.bin links, most relative
+    links): it guards a client against its server, and here the server is the host's project,
+    which the guest has no reason to distrust (the host is guarded by the sftp-server's sandbox).
+    So it is switched off when that sshfs has it.
     """
     d = shlex.quote(guest_dir)
     source = mount_source(fsname, token, confined, guarded)
@@ -123,9 +129,11 @@ s=$(command -v sshfs 2>/dev/null)
 [ -c /dev/fuse ] || modprobe fuse 2>/dev/null
 [ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
 mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+o={shlex.quote(opts)}
+grep -qs no_contain_symlinks "$s" && o="$o,no_contain_symlinks"
 say serve
 exec 3<&0
-sshfs : "$D" -f -o {shlex.quote(opts)} <&3 3<&- &
+sshfs : "$D" -f -o "$o" <&3 3<&- &
 pid=$!
 exec 3<&-
 i=0

@@ -30,6 +30,7 @@ GUEST_PROXY_URL = f"http://{GUEST_PROXY_HOST}:{GUEST_PROXY_PORT}"
 # QEMU runs a guestfwd command through shell-style parsing: only paths made of these characters go in.
 _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9/._+-]+$")
 ACCELS = ("kvm", "hvf", "tcg")
+_FW_CFG_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,30}$")  # fw_cfg names hold 55 bytes
 
 _BINARIES = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
 # Which package provides the binary, to name it in the "QEMU missing" error.
@@ -73,6 +74,8 @@ class MachineSpec:
     network: str = "open"  # open | restricted
     proxy_socket: Path | None = None  # restricted: the host proxy's unix socket
     socat: str = "socat"  # restricted: the absolute path of socat
+    # guest contract: more files for the guest, (name under opt/devops-tasks/, host file)
+    guest_files: tuple[tuple[str, Path], ...] = field(default=())
 
 
 def accel_args(accel: str, arch: str) -> list[str]:
@@ -114,6 +117,10 @@ def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/authorized_keys,file={opt_value(spec.authorized_keys)}"]
     if spec.network == "restricted":  # the guest exports it to login shells (HTTP_PROXY ...)
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/proxy,string={GUEST_PROXY_URL}"]
+    for name, path in spec.guest_files:
+        if not _FW_CFG_NAME_RE.match(name):
+            raise VMError(f"invalid fw_cfg file name {name!r}")
+        argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/{name},file={opt_value(path)}"]
     return argv
 
 

@@ -12,11 +12,12 @@ from .common import configure, devops, exit_with, remainder_words, task
         "name": "run the named command from .core/test.yaml instead of the detected one",
         "vm": "VM name (default: core.vm.name, 'core-dev')",
         "project": "project directory mounted at /app (default: the current directory)",
+        "setup": "install the dependencies (test.yaml setup, or the detected install) even if nothing changed",
     },
 )
-def test(c, name=None, vm=None, project=None):
+def test(c, name=None, vm=None, project=None, setup=False):
     """Run the project's tests in the VM (`-- CMD ...` > --name > detected); exit with their status."""
-    opts = TestOptions(name=name or "", command=remainder_words())
+    opts = TestOptions(name=name or "", command=remainder_words(), setup=bool(setup))
     exit_with(devops(c, vm).test(project or ".", opts))
 
 

@@ -1,7 +1,7 @@
 """Shared end-to-end fixtures.
 
-``built_image`` and ``claude_image`` (session scope) build the ``minimal`` and ``claude`` recipes
-once per test run and return the path of a private copy of the image (a ``Path``; boot it on an
+``built_image``, ``claude_image`` and ``dev_image`` (session scope) build the ``minimal``,
+``claude`` and ``dev`` recipes once per test run and return the path of a private copy of the image (a ``Path``; boot it on an
 overlay, never write it). The .deb, npm and image cache is ``$CORE_CACHE_DIR`` when the runner set
 it, else the stable ``/var/tmp/devops-tasks-test-cache``, so repeated runs on one machine are warm
 (a rebuild of an unchanged recipe takes about a second). ``CORE_HOME`` and ``CORE_IMAGES_DIR``
@@ -74,3 +74,15 @@ def claude_stub_image(tmp_path_factory, build_cache_dir) -> Path:
     """``recipes/claude-stub.yaml``: the minimal image plus a stand-in claude that plays the agent."""
     recipe = Path(__file__).resolve().parent / "recipes" / "claude-stub.yaml"
     return build_recipe_once(str(recipe), tmp_path_factory, build_cache_dir, label="claude-stub").path
+
+
+@pytest.fixture(scope="session")
+def dev_build(tmp_path_factory, build_cache_dir):
+    """The ``dev`` recipe's :class:`BuildResult` (Python, Node.js, PHP, Go: about 270 .debs and
+    Node.js from the npm registry the first time), built once per session (cached across sessions)."""
+    return build_recipe_once("dev", tmp_path_factory, build_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def dev_image(dev_build) -> Path:
+    return dev_build.path

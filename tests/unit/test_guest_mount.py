@@ -401,3 +401,13 @@ def test_ctrl_c_while_the_owner_waits_unmounts_at_once(point, project, monkeypat
     finally:
         user.stop()
         owner.stop()
+
+
+def test_sshfs_symlink_containment_is_off_when_the_guests_sshfs_has_it():
+    """Debian's sshfs refuses every link whose target holds '..' unless told not to (its server,
+    the host's project, is no threat to the guest); older ones do not know the option."""
+    from devops_tasks.guest.mount import mount_script
+
+    script = mount_script("/app", "devops-tasks:0123", "t")
+    assert 'grep -qs no_contain_symlinks "$s" && o="$o,no_contain_symlinks"' in script
+    assert 'sshfs : "$D" -f -o "$o"' in script
