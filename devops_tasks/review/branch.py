@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable, Optional
 
 from ..errors import DevopsError
 from .model import Change
+from .snapshot import git
 
 SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "gc.auto=0",
         "-c", "maintenance.auto=false")
@@ -63,18 +63,8 @@ class Git:
 
     def __call__(self, *args: str | bytes, input: Optional[bytes] = None, check: bool = True, env: Optional[dict] = None,
                  timeout: float = 300) -> bytes:
-        try:
-            result = subprocess.run(["git", *SAFE, "-C", str(self.root), *args], input=input, capture_output=True,
-                                    env={**self.env, **(env or {})}, timeout=timeout,
-                                    stdin=None if input is not None else subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise BranchError("git is not installed on this machine") from None
-        except subprocess.TimeoutExpired:
-            raise BranchError(f"git {args[0]!s} took longer than {timeout:.0f} s") from None
-        if check and result.returncode != 0:
-            lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise BranchError(f"git {args[0]!s} failed: {lines[-1] if lines else f'status {result.returncode}'}")
-        return result.stdout
+        return git(self.root, *args, input=input, env={**self.env, **(env or {})}, check=check, timeout=timeout,
+                   options=SAFE, error=BranchError)
 
     def text(self, *args: str, **kwargs) -> str:
         return self(*args, **kwargs).decode("utf-8", "replace").strip()

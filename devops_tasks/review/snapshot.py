@@ -29,19 +29,21 @@ class SnapshotError(DevopsError):
     """The project cannot be listed or read."""
 
 
-def git(root: Path, *args: str, input: Optional[bytes] = None, env: Optional[dict] = None,
-        check: bool = True, timeout: float = 120) -> bytes:
-    """``git -C root ARGS`` on the host (the user's own git and config); its stdout."""
+def git(root: Path, *args: str | bytes, input: Optional[bytes] = None, env: Optional[dict] = None,
+        check: bool = True, timeout: float = 120, options: tuple[str, ...] = (),
+        error: type[DevopsError] = SnapshotError) -> bytes:
+    """``git [OPTIONS] -C root ARGS`` on the host (the user's own git); its stdout. Failures are
+    one-line ``error``s naming the git command."""
     try:
-        result = subprocess.run(["git", "-C", str(root), *args], input=input, capture_output=True, env=env,
-                                timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+        result = subprocess.run(["git", *options, "-C", str(root), *args], input=input, capture_output=True,
+                                env=env, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
     except FileNotFoundError:
-        raise SnapshotError("git is not installed on this machine") from None
+        raise error("git is not installed on this machine") from None
     except subprocess.TimeoutExpired:
-        raise SnapshotError(f"git {args[0]} in {root} took longer than {timeout:.0f} s") from None
+        raise error(f"git {args[0]!s} in {root} took longer than {timeout:.0f} s") from None
     if check and result.returncode != 0:
         message = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise SnapshotError(f"git {args[0]} in {root} failed: {message[-1] if message else result.returncode}")
+        raise error(f"git {args[0]!s} in {root} failed: {message[-1] if message else f'status {result.returncode}'}")
     return result.stdout
 
 
