@@ -345,7 +345,7 @@ def test_two_agents_in_two_vms_give_two_reviews_that_both_apply(e):
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                              stdin=subprocess.DEVNULL)
         wait_for(lambda: e.guest(f"test -e {RECORD}.tmp")[0] == 0, 300, "the first agent", interval=0.5)
-        assert e.devops("vm.boot", "--name", "agent-2", timeout=400).returncode == 0
+        assert e.devops("vm.boot", "--name", "agent-2", "--network", "restricted", timeout=400).returncode == 0
         assert e.guest("touch /dev/shm/second", vm="agent-2")[0] == 0
         procs["agent-2"] = subprocess.Popen([DEVOPS, "claude", "--no-auth", "--vm", "agent-2", "--project",
                                              str(project)], env=e.env, stdout=subprocess.PIPE,
