@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import needs
+from local_guest import LocalConn
 from devops_tasks import guest
 from devops_tasks.errors import GuestError
 
@@ -37,75 +38,6 @@ needs_fuse = needs.mark(
     SFTP_PROBLEM or needs.tool_problem("sshfs", "sshfs")
     or ("" if os.path.exists("/dev/fuse") and os.geteuid() == 0 else "local mounts need /dev/fuse and root")
 )
-
-
-class LocalChannel:
-    """Enough of paramiko.Channel: the command runs under the local ``sh``."""
-
-    def __init__(self, env):
-        self.env = env
-        self.proc = None
-
-    def exec_command(self, command):
-        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, bufsize=0, env=self.env)
-
-    def sendall(self, data):
-        self.proc.stdin.write(data)
-
-    def recv(self, n):
-        return os.read(self.proc.stdout.fileno(), n)
-
-    def recv_stderr(self, n):
-        return os.read(self.proc.stderr.fileno(), n)
-
-    def shutdown_write(self):
-        if not self.proc.stdin.closed:
-            self.proc.stdin.close()
-
-    def exit_status_ready(self):
-        return self.proc.poll() is not None
-
-    def recv_exit_status(self):
-        return self.proc.wait()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class Result:
-    def __init__(self, proc):
-        self.exited, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
-
-
-class LocalConn:
-    """Enough of fabric.Connection for Mount and guest.capture."""
-
-    is_connected = True
-
-    def __init__(self, env=None):
-        self.env = env or dict(os.environ)
-        self.channels = []
-        conn = self
-
-        class Transport:
-            def open_session(self, timeout=None):
-                channel = LocalChannel(conn.env)
-                conn.channels.append(channel)
-                return channel
-
-        class Client:
-            def get_transport(self):
-                return Transport()
-
-        self.client = Client()
-
-    def run(self, command, warn=True, hide=True, in_stream=False, timeout=None, **_):
-        proc = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, env=self.env,
-                              timeout=timeout)
-        return Result(proc)
 
 
 def mounted_at(point: Path) -> list[str]:

@@ -20,35 +20,10 @@ from devops_tasks import guest
 from devops_tasks.errors import GuestError
 from devops_tasks.guest import transfer
 from devops_tasks.guest.transfer import CopyResult, SafeWriter
-from test_guest_mount import LocalChannel, LocalConn
+from local_guest import LocalConn
 
 NEWLINE = "new\nline"
 AWKWARD = ["a b.txt", "it's", 'quo"te', NEWLINE, "é ü", "$(touch pwned)", "-dash", "*", "L" * 200]
-
-
-class Channel(LocalChannel):
-    def settimeout(self, timeout):
-        pass
-
-
-class Conn(LocalConn):
-    """The local stand-in, its tar chosen by PATH."""
-
-    def __init__(self, env=None):
-        super().__init__(env)
-        conn = self
-
-        class Transport:
-            def open_session(self, timeout=None):
-                channel = Channel(conn.env)
-                conn.channels.append(channel)
-                return channel
-
-        class Client:
-            def get_transport(self):
-                return Transport()
-
-        self.client = Client()
 
 
 @pytest.fixture(params=["gnu", "busybox"])
@@ -62,7 +37,7 @@ def conn(request, tmp_path):
         env["PATH"] = f"{bin_dir}:{env['PATH']}"
     else:
         needs.require_tool("tar", "tar")
-    return Conn(env)
+    return LocalConn(env)
 
 
 def make_tree(root: Path) -> Path:
@@ -168,7 +143,7 @@ def test_plans_follow_cp_r(tmp_path):
 
 @pytest.mark.parametrize("name", AWKWARD + ["/", "."])
 def test_probe_script_under_sh(tmp_path, name):
-    conn = Conn()
+    conn = LocalConn()
     folder = tmp_path / "probe"
     folder.mkdir()
     if name not in ("/", "."):
@@ -244,7 +219,7 @@ def test_a_failing_guest_tar_is_reported(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "tar").write_text("#!/bin/sh\ncat >/dev/null; echo 'tar: No space left on device' >&2; exit 2\n")
     os.chmod(bin_dir / "tar", 0o755)
-    conn = Conn({**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    conn = LocalConn({**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     (tmp_path / "f").write_text("x")
     with pytest.raises(GuestError, match=r"copying into .* in the VM failed: tar: No space left on device$"):
         transfer.copy_to_guest(conn, tmp_path / "f", str(tmp_path))
