@@ -499,12 +499,13 @@ class ProxyServer:
         self._record(refused.method, refused.host, refused.port, refused.outcome, decision.rule, 0)
 
     def _record(self, method: str, host: str, port: int, decision: str, rule: str, nbytes: int) -> None:
-        self.log.write(method, host, port, decision, rule, nbytes)
+        """Count first, then log: whoever sees the log line also sees the count."""
         with self._lock:
             if decision == "allow":
                 self.allowed += 1
             else:
                 self.denied[(authority(host, port) if host else "(bad request)", rule)] += 1
+        self.log.write(method, host, port, decision, rule, nbytes)
 
 
 def _head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
