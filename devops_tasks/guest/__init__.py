@@ -12,6 +12,8 @@ One concern a module; every public name is re-exported here, so callers write ``
 * :mod:`.transfer`: :func:`copy_to_guest` and :func:`copy_from_guest` (a tar stream over SSH).
 * :mod:`.sftp_server`: the host's ``sftp-server`` and the bubblewrap sandbox that confines it to
   the project.
+* :mod:`.mux`: :class:`MuxSession`, commands and channels over the VM's OpenSSH master (no
+  Paramiko), and :func:`openssh_session`, used where start-up time counts (``test``, ``shell``).
 * :mod:`.mount`: :class:`Mount`, a host folder in the guest (reverse SSHFS).
 * :mod:`.forward`: :class:`Forward`, 127.0.0.1:PORT on the host to a port in the guest.
 
@@ -33,6 +35,7 @@ from .commands import (
 )
 from .connection import CONNECT_TIMEOUT, GUEST_USER, LOOPBACK, Target, agent_socket, check_target, connect, session
 from .forward import Forward, bind_local
+from .mux import MuxSession, openssh_session
 from .mount import GUEST_APP_DIR, MOUNT_TIMEOUT, SSHFS_OPTIONS, Mount, fsname_for, mount_script, unmount_script
 from .openssh import (CONTROL_PERSIST, close_master, config_block, config_value, control_path, run_foreground,
                       ssh_argv, ssh_options)
@@ -59,6 +62,7 @@ __all__ = [
     "LOOPBACK",
     "MOUNT_TIMEOUT",
     "Mount",
+    "MuxSession",
     "SFTP_SERVER_CANDIDATES",
     "SSHFS_OPTIONS",
     "SftpServerCommand",
@@ -82,6 +86,7 @@ __all__ = [
     "kill_remote",
     "kill_script",
     "mount_script",
+    "openssh_session",
     "parse_copy",
     "quote_words",
     "run",
