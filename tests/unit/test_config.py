@@ -161,3 +161,13 @@ def test_network_defaults_and_values():
     # an INVOKE_CORE_CLAUDE_ALLOW variable is one string
     assert Config.from_dict({"claude": {"allow": "a.example, b.example:8443"}}).claude.allow == \
         ["a.example", "b.example:8443"]
+
+
+def test_mount_idle_timeout_defaults_to_off_and_is_checked():
+    assert default_config().vm.mount_idle_timeout == 0
+    write_config("vm:\n  mount_idle_timeout: 300\n")
+    assert load_config().vm.mount_idle_timeout == 300
+    for bad in ("-1", "1e9", "soon"):
+        write_config(f"vm:\n  mount_idle_timeout: {bad}\n")
+        with pytest.raises(ConfigError, match="vm.mount_idle_timeout|invalid value"):
+            load_config()
