@@ -198,8 +198,14 @@ def test_interactive_shell_on_a_pseudo_terminal(vm):
         os.write(fd, b"stty size\r")
         _expect(fd, r"30 90", 30, seen)
         _winsize(fd, 40, 120)  # the kernel sends SIGWINCH to ssh, ssh tells the guest
-        os.write(fd, b"stty size\r")
-        _expect(fd, r"40 120", 30, seen)
+        # ssh passes the new size on asynchronously: ask again until it arrived (or the deadline)
+        deadline = time.monotonic() + 30
+        while True:
+            os.write(fd, b"echo SIZE=$(stty size)=\r")
+            size = _expect(fd, r"SIZE=(\d+ \d+)=", 30, seen).group(1)
+            if size == b"40 120" or time.monotonic() > deadline:
+                break
+        assert size == b"40 120"
         os.write(fd, b"sleep 91\r")
         wait_for(lambda: "sleep 91" in vm.guest("ps -o args | grep -x 'sleep 91' || true").stdout, 60,
                  "sleep to run in the guest", 0.2)
