@@ -155,7 +155,7 @@ def _expect(fd: int, pattern: str, timeout: float, seen: bytearray) -> re.Match:
     regex = re.compile(pattern.encode())
     deadline = time.monotonic() + timeout
     while True:
-        match = regex.search(seen)
+        match = regex.search(bytes(seen))  # a copy: the match outlives the deletion below
         if match:
             del seen[: match.end()]
             return match
