@@ -138,37 +138,45 @@ class MuxSession:
                 self.kill(pidfile)
                 raise GuestError(f"command timed out after {timeout} s: {command}") from None
         stopping = threading.Event()
+        started: list[subprocess.Popen] = []
 
         def stop(signum=None, frame=None) -> None:
             if not stopping.is_set():
                 stopping.set()
                 threading.Thread(target=self.kill, args=(pidfile,), daemon=True).start()
+                for proc in started:  # EOF for the guest's watchdog: also before the pidfile exists
+                    with contextlib.suppress(OSError):
+                        proc.stdin.close()
 
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0, start_new_session=True)
-        pumps = [threading.Thread(target=_copy, args=(proc.stdout, None if hide else out_stream or sys.stdout),
-                                  daemon=True),
-                 threading.Thread(target=_copy, args=(proc.stderr, None if hide else err_stream or sys.stderr),
-                                  daemon=True)]
-        for pump in pumps:
-            pump.start()
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            with signal_handlers(("SIGINT", "SIGTERM", "SIGHUP"), stop):
+        # The handlers come first: a Ctrl-C from the very start ends the command in the guest.
+        with signal_handlers(("SIGINT", "SIGTERM", "SIGHUP"), stop):
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    bufsize=0, start_new_session=True)
+            started.append(proc)
+            if stopping.is_set():
+                proc.stdin.close()  # interrupted while it started
+            pumps = [threading.Thread(target=_copy, args=(proc.stdout, None if hide else out_stream or sys.stdout),
+                                      daemon=True),
+                     threading.Thread(target=_copy, args=(proc.stderr, None if hide else err_stream or sys.stderr),
+                                      daemon=True)]
+            for pump in pumps:
+                pump.start()
+            try:
                 while proc.poll() is None:
                     if deadline is not None and time.monotonic() > deadline:
                         self.kill(pidfile)
                         raise GuestError(f"command timed out after {timeout} s: {command}")
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=0.05)
-        finally:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            if proc.poll() is None:  # left by an exception: the guest's watchdog ends the command
-                proc.terminate()
-                proc.wait()
-            for pump in pumps:
-                pump.join(timeout=5)
+            finally:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+                if proc.poll() is None:  # left by an exception: the guest's watchdog ends the command
+                    proc.terminate()
+                    proc.wait()
+                for pump in pumps:
+                    pump.join(timeout=5)
         if stopping.is_set():
             raise KeyboardInterrupt
         return _status(proc.returncode)
