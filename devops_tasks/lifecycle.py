@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import socket
 import sys
 import time
@@ -254,6 +253,8 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
             hostkeys.forget_host(port)
         try:
             pid, start = process.start(build_argv(spec, binary), vm.pidfile, vm.qemu_stderr)
+            import secrets  # here: nothing but a boot needs it (vm.status starts faster)
+
             record = VMRecord(
                 id=secrets.token_hex(4), name=vm.name, image=str(image), pid=pid, process_start=start,
                 started_at=format_time(now_utc()), ssh_port=port, memory=opts.memory, cpus=opts.cpus,
