@@ -161,3 +161,15 @@ def test_network_defaults_and_values():
     # an INVOKE_CORE_CLAUDE_ALLOW variable is one string
     assert Config.from_dict({"claude": {"allow": "a.example, b.example:8443"}}).claude.allow == \
         ["a.example", "b.example:8443"]
+
+
+def test_the_default_claude_section_passes_the_checks_it_skips():
+    """ClaudeConfig.check returns early for the defaults (so tasks other than claude skip the
+    allowlist and upstream parsers): the defaults must be valid by those parsers."""
+    from devops_tasks.config import DEFAULT_ALLOW, DEFAULTS
+    from devops_tasks.proxy.allowlist import parse_entry
+    from devops_tasks.proxy.upstream import Upstream
+
+    for entry in DEFAULT_ALLOW:
+        parse_entry(entry)
+    Upstream.from_url(DEFAULTS["claude"]["api_url"])
