@@ -44,7 +44,7 @@ def shell(vm: VM, opts: ShellOptions) -> int:
     tty = None if opts.command else guest.stdin_interactive()
     argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent, tty=tty, cwd=GUEST_APP_DIR)
     try:
-        with stop_as_interrupt(), guest.session(where) as conn, _shell_mount(conn, root):
+        with stop_as_interrupt(), guest.openssh_session(where) as conn, _shell_mount(conn, root):
             return guest.run_foreground(argv, terminate_grace=5.0)
     except KeyboardInterrupt:
         return INTERRUPTED
@@ -105,7 +105,7 @@ def test(vm: VM, project_dir: Path | str, opts: TestOptions) -> int:
     where = vm.target()
     vm.echo(f"Running tests: {command}")
     try:
-        with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
+        with stop_as_interrupt(), guest.openssh_session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
             command, code = _prepare(vm, conn, root, plan, command, fallback, opts.setup)
             if code:
                 return code

@@ -12,6 +12,8 @@ One concern a module; every public name is re-exported here, so callers write ``
 * :mod:`.transfer`: :func:`copy_to_guest` and :func:`copy_from_guest` (a tar stream over SSH).
 * :mod:`.sftp_server`: the host's ``sftp-server`` and the bubblewrap sandbox that confines it to
   the project.
+* :mod:`.mux`: :class:`MuxSession`, commands and channels over the VM's OpenSSH master (no
+  Paramiko), and :func:`openssh_session`, used where start-up time counts (``test``, ``shell``).
 * :mod:`.mount`: :class:`Mount`, a host folder in the guest (reverse SSHFS).
 * :mod:`.forward`: :class:`Forward`, 127.0.0.1:PORT on the host to a port in the guest.
 
@@ -37,6 +39,7 @@ _MODULES = {
         "CONNECT_TIMEOUT", "GUEST_USER", "LOOPBACK", "Target", "agent_socket", "check_target", "connect", "session",
     ),
     "forward": ("Forward", "bind_local"),
+    "mux": ("MuxSession", "openssh_session"),
     "mount": (
         "GUEST_APP_DIR", "MOUNT_TIMEOUT", "SSHFS_OPTIONS", "Mount", "fsname_for", "mount_script", "unmount_script",
     ),

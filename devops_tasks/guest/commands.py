@@ -164,6 +164,9 @@ def run(
     waits for the remote output to end before it lets a KeyboardInterrupt through.)
     An exit without status (the connection dropped) is 255, as in ssh.
     """
+    if hasattr(conn, "run_command"):  # a MuxSession (.mux): the same contract over OpenSSH
+        return conn.run_command(command, cwd=cwd, env=env, pty=pty, timeout=timeout, hide=hide,
+                                out_stream=out_stream, err_stream=err_stream)
     from invoke.exceptions import CommandTimedOut
 
     if pty is None:
@@ -217,5 +220,7 @@ def kill_remote(conn: "Connection", pidfile: str, timeout: float = 15.0) -> None
 
 def capture(conn: "Connection", command: str, timeout: float = 30.0) -> tuple[int, str, str]:
     """Run a short command, return (status, stdout, stderr); nothing is printed."""
+    if hasattr(conn, "run_command"):  # a MuxSession (.mux)
+        return conn.capture(command, timeout=timeout)
     result = conn.run(command, warn=True, hide=True, in_stream=False, timeout=timeout)
     return int(result.exited if result.exited is not None else 255), result.stdout, result.stderr

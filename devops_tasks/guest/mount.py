@@ -89,7 +89,9 @@ def mount_script(guest_dir: str, fsname: str, token: str, options: Sequence[str]
 D={d}; F={shlex.quote(source)}; P={shlex.quote(fsname + ":")}; T={shlex.quote(token)}; NEED={need}
 U={USERS_DIR}
 say() {{ echo "{_MARK} $*" >&2; }}
-top() {{ awk -v d="$D" '$2 == d {{ s = $1 " " $3 }} END {{ print s }}' /proc/mounts; }}
+# the top mount at $D: its source and type (shell built-ins only: every exec costs under TCG)
+top() {{ s=; while read -r src dir typ rest; do [ "$dir" = "$D" ] && s="$src $typ"; done </proc/mounts; echo "$s"; }}
+has() {{ while read -r src dir rest; do [ "$dir" = "$D" ] && [ "$src" = "$F" ] && return 0; done </proc/mounts; return 1; }}
 # statfs always asks the file system's process (a stat may be answered from the kernel's cache)
 live() {{ stat -f "$D" >/dev/null 2>&1; }}
 tries=0
@@ -128,16 +130,19 @@ s=$(command -v sshfs 2>/dev/null)
 [ -n "$s" ] && [ -f "$s" ] && [ -x "$s" ] || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
 [ -c /dev/fuse ] || modprobe fuse 2>/dev/null
 [ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
-mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+[ -d "$D" ] || mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
 o={shlex.quote(opts)}
-grep -qs no_contain_symlinks "$s" && o="$o,no_contain_symlinks"
+# whether this sshfs knows no_contain_symlinks, probed once per boot (/run is the boot's tmpfs)
+k=/run/devops-tasks/sshfs-no-contain
+[ -f "$k" ] || {{ mkdir -p /run/devops-tasks; if grep -qs no_contain_symlinks "$s"; then echo 1; else echo 0; fi >"$k"; }}
+read -r nc <"$k" 2>/dev/null; [ "$nc" = 1 ] && o="$o,no_contain_symlinks"
 say serve
 exec 3<&0
 sshfs : "$D" -f -o "$o" <&3 3<&- &
 pid=$!
 exec 3<&-
 i=0
-until awk -v d="$D" -v f="$F" '$2 == d && $1 == f {{ ok = 1 }} END {{ exit !ok }}' /proc/mounts; do
+until has; do
   if ! kill -0 "$pid" 2>/dev/null; then wait "$pid"; say "error: sshfs exited with status $? before the mount was ready"; exit 7; fi
   i=$((i+1)); [ $i -le 2000 ] || {{ say "error: the mount did not appear"; kill "$pid"; exit 8; }}
   sleep 0.02
@@ -156,7 +161,7 @@ def unmount_script(guest_dir: str, fsname: str, token: str, confined: bool = Fal
     owner = shlex.quote(f"{USERS_DIR}/{token}")
     return (
         f"D={d}; F={source}; o={owner}; FORCE={'1' if force else ''}\n"
-        "top=$(awk -v d=\"$D\" '$2 == d { s = $1 } END { print s }' /proc/mounts)\n"
+        "top=; while read -r src dir rest; do [ \"$dir\" = \"$D\" ] && top=$src; done </proc/mounts\n"
         "[ \"$top\" = \"$F\" ] || { rm -rf \"$o\"; exit 0; }\n"
         "mkdir -p \"$o\" && : >\"$o/closing\"\n"
         "n=0\n"
@@ -265,14 +270,9 @@ class Mount:
 
     # -- internals ----------------------------------------------------------------------------
     def _start(self, server: SftpServerCommand) -> None:
-        transport = self.conn.client.get_transport() if self.conn.is_connected else None
-        if transport is None:
-            self.conn.open()
-            transport = self.conn.client.get_transport()
-        self._chan = transport.open_session(timeout=self.timeout)
         script = mount_script(self.guest_dir, self.fsname, self.token, self.options, confined=server.confined,
                               guarded=self._guarded)
-        self._chan.exec_command(script)
+        self._chan = _open_channel(self.conn, script, self.timeout)
         self._spawn(self._read_messages, self._chan)
         deadline = time.monotonic() + self.timeout
         outcome = self._next_outcome(deadline)
@@ -457,6 +457,20 @@ class Mount:
         for thread in self._threads:
             thread.join(timeout=2)
         self._threads = []
+
+
+def _open_channel(conn, command: str, timeout: float):
+    """A channel running ``command``: an ``ssh`` process on a :class:`~.mux.MuxSession`, else a
+    Paramiko session channel on the Fabric connection."""
+    if hasattr(conn, "open_channel"):
+        return conn.open_channel(command)
+    transport = conn.client.get_transport() if conn.is_connected else None
+    if transport is None:
+        conn.open()
+        transport = conn.client.get_transport()
+    chan = transport.open_session(timeout=timeout)
+    chan.exec_command(command)
+    return chan
 
 
 def _host_dir(path: os.PathLike | str) -> Path:

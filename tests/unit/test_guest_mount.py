@@ -341,5 +341,6 @@ def test_sshfs_symlink_containment_is_off_when_the_guests_sshfs_has_it():
     from devops_tasks.guest.mount import mount_script
 
     script = mount_script("/app", "devops-tasks:0123", "t")
-    assert 'grep -qs no_contain_symlinks "$s" && o="$o,no_contain_symlinks"' in script
+    assert 'if grep -qs no_contain_symlinks "$s"; then echo 1; else echo 0; fi >"$k"' in script  # probed once a boot
+    assert '[ "$nc" = 1 ] && o="$o,no_contain_symlinks"' in script
     assert 'sshfs : "$D" -f -o "$o"' in script

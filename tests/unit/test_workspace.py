@@ -95,6 +95,7 @@ def fake(monkeypatch, tmp_path):
         return rec.status
 
     monkeypatch.setattr(guest, "session", session)
+    monkeypatch.setattr(guest, "openssh_session", session)  # test and shell: over the OpenSSH master
     monkeypatch.setattr(guest, "Mount", Mount)
     monkeypatch.setattr(guest, "Forward", Forward)
     monkeypatch.setattr(guest, "run", run)

@@ -65,6 +65,7 @@ def fake(monkeypatch, tmp_path):
         return g.codes.pop(0) if g.codes else 0
 
     monkeypatch.setattr(guest, "session", session)
+    monkeypatch.setattr(guest, "openssh_session", session)  # test and shell: over the OpenSSH master
     monkeypatch.setattr(guest, "Mount", Nothing)
     monkeypatch.setattr(guest, "Forward", Nothing)
     monkeypatch.setattr(guest, "capture", capture)
