@@ -29,6 +29,7 @@ NOT_ON_THE_STATUS_PATH = (
     "fabric", "paramiko", "cryptography", "requests", "urllib3", "tqdm",
     "devops_tasks.guest.commands", "devops_tasks.guest.mount", "devops_tasks.guest.openssh",
     "devops_tasks.guest.transfer", "devops_tasks.guest.sftp_server", "devops_tasks.guest.forward",
+    "devops_tasks.guest.mux",
     "devops_tasks.workspace", "devops_tasks.images", "devops_tasks.sources", "devops_tasks.build",
     "devops_tasks.proxy", "devops_tasks.review", "devops_tasks.claude_code",
 )
