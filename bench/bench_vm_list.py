@@ -57,6 +57,7 @@ def main() -> None:
         home = Path(tmp) / "core"
         make_vms(home, args.vms)
         env = {**os.environ, "CORE_HOME": str(home), "CORE_IMAGES_DIR": str(Path(tmp) / "images")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # with their .pyc files, as an installed package
         listed = subprocess.run([INV, "vm.list", "--json"], cwd=REPO, env=env, capture_output=True, text=True)
         assert len(json.loads(listed.stdout)) == args.vms, listed.stdout + listed.stderr
         for argv in ([INV, "--version"], [INV, "vm.list"]):  # warm the page cache and .pyc files
