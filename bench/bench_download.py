@@ -54,12 +54,6 @@ def serve(path: str, portfile: str) -> None:
         def log_message(self, *args):
             pass
 
-        def setup(self):
-            super().setup()
-            # as web servers do (nginx's tcp_nodelay): without it a small answer's body, written after
-            # its headers, waits for the client's delayed ACK (0.1-1 s here), for curl and the tool alike
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
         def _small(self, body: bytes, status: int = 200) -> None:
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
