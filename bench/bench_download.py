@@ -243,7 +243,7 @@ def main() -> int:
         noop_install, tiny_curl = [], []
         for _ in range(max(5, args.runs)):
             noop_install.append(spawn(install_argv)["wall"])
-            tiny_curl.append(spawn([curl, "-s", "-f", "-o", "/dev/null", f"{url}/{name}.manifest.json"])["wall"])
+            tiny_curl.append(spawn([curl, "-s", "-f", "-o", "/dev/null", f"{url}/manifest.json"])["wall"])
         curl_cpu.clear()
         for index in range(args.runs):  # interleaved, alternating which goes first
             if index % 2:
