@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "network": "open",
         "trust_host_ca": True,
         "ca_bundle": "",
+        "mount_idle_timeout": 0,
     },
     "claude": {
         "allow": DEFAULT_ALLOW,
@@ -98,6 +99,8 @@ class VMConfig:
     # hand the guest the CA certificates the host trusts beyond the public ones (see handoff.py)
     trust_host_ca: bool = DEFAULTS["vm"]["trust_host_ca"]
     ca_bundle: str = DEFAULTS["vm"]["ca_bundle"]  # "" = the host's system bundle
+    # seconds the project mount stays after the command that used it (0: it ends with the command)
+    mount_idle_timeout: float = DEFAULTS["vm"]["mount_idle_timeout"]
 
     def check(self, origin: str) -> None:
         """Values a VM cannot start with are errors naming ``origin`` and the key."""
@@ -109,6 +112,9 @@ class VMConfig:
         if self.boot_timeout <= 0:
             raise ConfigError(f"{origin}: vm.boot_timeout: must be positive, not {self.boot_timeout}")
         check_network_mode(self.network, f"{origin}: vm.network")
+        if not 0 <= self.mount_idle_timeout <= 86400:
+            raise ConfigError(f"{origin}: vm.mount_idle_timeout: {self.mount_idle_timeout:g} is not a number of "
+                              "seconds from 0 (the mount ends with the command) to 86400")
 
 
 def check_network_mode(mode: str, where: str) -> str:
@@ -197,6 +203,7 @@ class Config:
                     network=str(vm["network"] or "").strip().lower(),
                     trust_host_ca=_bool(vm["trust_host_ca"], f"{origin}: vm.trust_host_ca"),
                     ca_bundle=str(vm["ca_bundle"] or ""),
+                    mount_idle_timeout=float(vm["mount_idle_timeout"] or 0),
                 ),
                 claude=ClaudeConfig(
                     allow=_word_list(claude["allow"], f"{origin}: claude.allow"),

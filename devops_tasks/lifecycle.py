@@ -448,6 +448,9 @@ def stop(machine: VM) -> bool:
         machine.echo("Stopping dev environment...")
         timeouts = process.StopTimeouts(powerdown=env_float("CORE_POWERDOWN_TIMEOUT", 5.0))
         process.stop(record.pid, record.process_start, record.pidfile, record.qmp_socket, timeouts)
+        from .guest import keeper
+
+        keeper.stop_all(vm.path)  # kept mounts (their connection is gone with the VM)
         if locked:
             vm.clear()
             hostkeys.forget_host(record.ssh_port)
@@ -477,7 +480,12 @@ def status(machine: VM) -> DevStatus:
     if record is None:
         return DevStatus(installed=installed, running=False, image_version=version,
                          ssh_port=machine.config.vm.ssh_port, name=machine.name)
-    return _status_from(record, installed, version)
+    st = _status_from(record, installed, version)
+    if st.running:
+        from .guest import keeper
+
+        st.mounts = keeper.live_mounts(machine.dir.path)
+    return st
 
 
 def _status_from(record: VMRecord, installed: bool, version: str) -> DevStatus:

@@ -45,6 +45,8 @@ class DevStatus:
     uptime: timedelta = timedelta(0)
     name: str = DEFAULT_NAME
     network: str = ""  # open | restricted while it runs, "" when stopped
+    # kept project mounts (vm.mount_idle_timeout): project, leases, idle and ends_in seconds
+    mounts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -44,24 +44,36 @@ def shell(vm: VM, opts: ShellOptions) -> int:
     tty = None if opts.command else guest.stdin_interactive()
     argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent, tty=tty, cwd=GUEST_APP_DIR)
     try:
-        with stop_as_interrupt(), guest.openssh_session(where) as conn, _shell_mount(conn, root):
+        with stop_as_interrupt(), guest.openssh_session(where) as conn, _shell_mount(vm, conn, root):
             return guest.run_foreground(argv, terminate_grace=5.0)
     except KeyboardInterrupt:
         return INTERRUPTED
 
 
+def project_mount(vm: VM, conn, root: Path) -> contextlib.AbstractContextManager:
+    """The project at ``/app`` for a command: for the command alone (:class:`guest.Mount` on
+    ``conn``), or with ``vm.mount_idle_timeout`` > 0 a lease on the VM's kept mount of it
+    (:func:`guest.keeper.lease`), which outlives the command by that many idle seconds."""
+    idle = vm.config.vm.mount_idle_timeout
+    if idle > 0:
+        from .guest import keeper
+
+        return keeper.lease(vm.target(), root, idle)
+    return guest.Mount(conn, root, GUEST_APP_DIR)
+
+
 @contextlib.contextmanager
-def _shell_mount(conn, root: Path):
+def _shell_mount(vm: VM, conn, root: Path):
     """The project at /app for a shell; a mount that fails says how to get a shell anyway."""
-    mount = guest.Mount(conn, root, GUEST_APP_DIR)
+    mount = project_mount(vm, conn, root)
     try:
-        mount.start()
+        mount.__enter__()
     except GuestError as exc:
         raise GuestError(f"{exc} (inv shell --no-mount gives a shell without it)") from None
     try:
         yield mount
     finally:
-        mount.stop()
+        mount.__exit__(None, None, None)
 
 
 def shell_project(opts: ShellOptions) -> Path | None:
@@ -105,7 +117,7 @@ def test(vm: VM, project_dir: Path | str, opts: TestOptions) -> int:
     where = vm.target()
     vm.echo(f"Running tests: {command}")
     try:
-        with stop_as_interrupt(), guest.openssh_session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
+        with stop_as_interrupt(), guest.openssh_session(where) as conn, project_mount(vm, conn, root):
             command, code = _prepare(vm, conn, root, plan, command, fallback, opts.setup)
             if code:
                 return code
@@ -165,7 +177,7 @@ def serve(vm: VM, project_dir: Path | str, opts: ServeOptions) -> int:
     try:
         vm.ensure_running()
         where = vm.target()
-        with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR), \
+        with stop_as_interrupt(), guest.session(where) as conn, project_mount(vm, conn, root), \
                 guest.Forward(conn, port, sock=listener):
             listener = None  # the Forward owns it now
             command, code = _prepare(vm, conn, root, plan, command, fallback)

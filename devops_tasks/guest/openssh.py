@@ -42,10 +42,18 @@ def control_path(target: Target) -> Optional[Path]:
         return None
     key = f"{target.vm_dir or ''}|{target.known_hosts}|{target.host}|{target.port}|{target.user}"
     name = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".sock"
+    # OpenSSH adds a 17-character suffix while it sets the master up; sun_path is 104-108 bytes.
+    folder = runtime_folder(len(name) + 17)
+    return folder / name if folder is not None else None
+
+
+def runtime_folder(room: int = 40) -> Optional[Path]:
+    """This user's private folder for sockets (``$XDG_RUNTIME_DIR`` or ``/tmp``, then
+    ``devops-tasks-UID``, mode 0700) with ``room`` bytes left for a name in a socket path; None
+    when there is none safe (someone else's or a loose folder is never used)."""
     for base in (os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
         folder = Path(base) / f"devops-tasks-{os.getuid()}" if base else None
-        # OpenSSH adds a 17-character suffix while it sets the master up; sun_path is 104-108 bytes.
-        if folder is None or len(str(folder / name)) + 17 >= 100:
+        if folder is None or len(str(folder)) + 1 + room >= 100:
             continue
         try:
             folder.mkdir(mode=0o700, exist_ok=True)
@@ -53,8 +61,8 @@ def control_path(target: Target) -> Optional[Path]:
         except OSError:
             return None
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-            return None  # someone else's or a loose folder: do not multiplex through it
-        return folder / name
+            return None
+        return folder
     return None
 
 

@@ -68,6 +68,16 @@ def format_uptime(seconds: float) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def mount_line(mount: dict) -> str:
+    """A kept project mount (``vm.mount_idle_timeout``): whose, and in use or for how long idle."""
+    leases = int(mount.get("leases") or 0)
+    if leases:
+        state = f"used by {leases} command{'s' if leases > 1 else ''}"
+    else:
+        state = f"idle {format_uptime(mount.get('idle') or 0)}, unmounted in {format_uptime(mount.get('ends_in') or 0)}"
+    return f"Mount: /app <- {mount.get('project', '?')} ({state})"
+
+
 def status_lines(st: DevStatus) -> list[str]:
     """The original's status text; the VM lines only while a VM exists."""
     lines = ["Dev Environment Status", f"Installed: {'Yes' if st.installed else 'No'}"]
@@ -83,6 +93,7 @@ def status_lines(st: DevStatus) -> list[str]:
             f"SSH port: {st.ssh_port}",
             f"Network: {st.network or 'open'}",
             f"Uptime: {format_uptime(st.uptime.total_seconds())}",
+            *[mount_line(m) for m in st.mounts],
         ]
     return lines
 

@@ -155,7 +155,7 @@ def _expect(fd: int, pattern: str, timeout: float, seen: bytearray) -> re.Match:
     regex = re.compile(pattern.encode())
     deadline = time.monotonic() + timeout
     while True:
-        match = regex.search(seen)
+        match = regex.search(bytes(seen))  # a copy: the match outlives the deletion below
         if match:
             del seen[: match.end()]
             return match
@@ -198,8 +198,14 @@ def test_interactive_shell_on_a_pseudo_terminal(vm):
         os.write(fd, b"stty size\r")
         _expect(fd, r"30 90", 30, seen)
         _winsize(fd, 40, 120)  # the kernel sends SIGWINCH to ssh, ssh tells the guest
-        os.write(fd, b"stty size\r")
-        _expect(fd, r"40 120", 30, seen)
+        # ssh passes the new size on asynchronously: ask again until it arrived (or the deadline)
+        deadline = time.monotonic() + 30
+        while True:
+            os.write(fd, b"echo SIZE=$(stty size)=\r")
+            size = _expect(fd, r"SIZE=(\d+ \d+)=", 30, seen).group(1)
+            if size == b"40 120" or time.monotonic() > deadline:
+                break
+        assert size == b"40 120"
         os.write(fd, b"sleep 91\r")
         wait_for(lambda: "sleep 91" in vm.guest("ps -o args | grep -x 'sleep 91' || true").stdout, 60,
                  "sleep to run in the guest", 0.2)
@@ -513,6 +519,42 @@ def test_test_interrupted_leaves_nothing_behind(vm, project):
         if proc.poll() is None:
             proc.kill()
     wait_for(lambda: guest_state(vm).strip() == "", 30, "the guest to be clean")
+
+
+def test_a_kept_mount_outlives_inv_test_until_idle(vm, project, tmp_path):
+    """``vm.mount_idle_timeout``: the mount stays between commands (the same keeper serves the next
+    one), ``vm.status`` shows it, another project retires it, and it ends after the idle time."""
+    import json
+
+    config = vm.home / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved + "  mount_idle_timeout: 6\n")
+
+    def mounts() -> list[dict]:
+        status = vm.run(INV, "vm.status", "--json")
+        assert status.returncode == 0, status.stderr
+        return json.loads(status.stdout)["mounts"]
+
+    try:
+        first = vm.run(INV, "test", cwd=project)
+        assert first.returncode == 0 and counts(first.stdout) == {"passed": 4}, first.stdout + first.stderr
+        [kept] = mounts()
+        assert kept["project"] == str(project.resolve()) and kept["leases"] == 0
+        assert " /app " in vm.guest("cat /proc/mounts").stdout  # still mounted: the trade the user chose
+        text = vm.run(INV, "vm.status").stdout
+        assert f"Mount: /app <- {project.resolve()} (idle" in text
+        second = vm.run(INV, "test", "--", "cat", "hello.py", cwd=project)
+        assert second.returncode == 0 and "def " in second.stdout
+        assert [m["pid"] for m in mounts()] == [kept["pid"]]  # the same keeper, no new mount
+        other = tmp_path / "other"
+        shutil.copytree(EXAMPLE, other)
+        third = vm.run(INV, "test", "--", "pwd", cwd=other)
+        assert third.returncode == 0, third.stderr
+        assert [m["project"] for m in mounts()] == [str(other.resolve())]
+        wait_for(lambda: mounts() == [], 60, "the kept mount to end when idle")
+        wait_for(lambda: guest_state(vm).strip() == "", 30, "the guest to be clean")
+    finally:
+        config.write_text(saved)
 
 
 def test_a_real_pypi_project_gives_the_same_counts(vm, tmp_path):

@@ -173,3 +173,13 @@ def test_the_default_claude_section_passes_the_checks_it_skips():
     for entry in DEFAULT_ALLOW:
         parse_entry(entry)
     Upstream.from_url(DEFAULTS["claude"]["api_url"])
+
+
+def test_mount_idle_timeout_defaults_to_off_and_is_checked():
+    assert default_config().vm.mount_idle_timeout == 0
+    write_config("vm:\n  mount_idle_timeout: 300\n")
+    assert load_config().vm.mount_idle_timeout == 300
+    for bad in ("-1", "1e9", "soon"):
+        write_config(f"vm:\n  mount_idle_timeout: {bad}\n")
+        with pytest.raises(ConfigError, match="vm.mount_idle_timeout|invalid value"):
+            load_config()

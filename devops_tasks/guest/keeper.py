@@ -1,0 +1,322 @@
+"""A project mount kept between commands: ``vm.mount_idle_timeout`` seconds after the last one.
+
+By default the project is shared for exactly as long as the command that asked for it runs (the
+threat model's promise): each ``inv test`` mounts and unmounts, about 0.5 s under TCG. With
+``vm.mount_idle_timeout: N`` (N > 0) the user trades that for speed: a *keeper*, a small host
+process per VM and project (``python -m devops_tasks.guest.keeper``, in its own session so Ctrl-C
+does not reach it), owns the mount (:class:`.mount.Mount` over a :class:`.mux.MuxSession`, the
+same sandboxed sftp-server) and keeps it while commands hold a *lease* on it and for N seconds
+after the last one ended. Then it unmounts and exits; so does it when the VM stops or the mount
+dies. ``vm.status`` lists the live ones (:func:`live_mounts`); ``vm.stop`` ends them.
+
+A lease is a connection to the keeper's Unix socket (in a private 0700 folder, like the OpenSSH
+master's), held open for the command's life: ``lease`` → ``ok``. Other requests: ``info`` (a JSON
+line), ``quit-if-idle`` (``bye`` or ``busy``: a command for another project retires an idle keeper
+that holds ``/app``), ``stop``. Each keeper leaves a JSON line in ``<vm folder>/mounts/`` naming its
+socket and project, so the VM's live mounts can be found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..errors import GuestError
+from .connection import Target
+
+MOUNTS_DIR = "mounts"  # in the VM's folder: one <key>.json per live keeper
+READY_TIMEOUT = 60.0
+
+
+def keeper_key(host_dir: Path, confine: str) -> str:
+    """One keeper per VM, project and confinement mode."""
+    return hashlib.sha256(f"{host_dir}\0{confine}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def socket_path(target: Target, key: str) -> Path:
+    """The keeper's socket: next to the VM's OpenSSH master socket (short, private, per VM)."""
+    from .openssh import runtime_folder
+
+    folder = runtime_folder()
+    if folder is None:
+        raise GuestError("no private folder for the mount keeper's socket ($XDG_RUNTIME_DIR or /tmp): "
+                         "set vm.mount_idle_timeout to 0")
+    vm = hashlib.sha256(str(target.vm_dir).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return folder / f"m-{vm}-{key}.sock"
+
+
+def _records(vm_dir: Path) -> Path:
+    return vm_dir / MOUNTS_DIR
+
+
+def _ask(path: Path, request: str, timeout: float = 5.0) -> Optional[str]:
+    """One request, one reply line; None when no keeper answers there."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(request.encode() + b"\n")
+            return _readline(sock)
+    except OSError:
+        return None
+
+
+def _readline(sock: socket.socket) -> Optional[str]:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data.decode("utf-8", "replace").strip()
+
+
+def live_mounts(vm_dir: Path) -> list[dict]:
+    """The VM's kept mounts: ``project``, ``leases`` (commands using it now), ``idle`` (seconds
+    since the last one ended, 0 while used) and ``ends_in`` (seconds left). Stale records go."""
+    found = []
+    folder = _records(vm_dir)
+    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            path = Path(json.loads(record.read_text())["socket"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        reply = _ask(path, "info", timeout=2.0)
+        if reply is None:
+            with contextlib.suppress(OSError):
+                record.unlink()
+            continue
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(reply))
+    return found
+
+
+def stop_all(vm_dir: Path) -> None:
+    """End every keeper of this VM (``vm.stop``)."""
+    folder = _records(vm_dir)
+    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            _ask(Path(json.loads(record.read_text())["socket"]), "stop", timeout=30.0)
+        with contextlib.suppress(OSError):
+            record.unlink()
+
+
+@contextlib.contextmanager
+def lease(target: Target, host_dir: Path, idle_timeout: float, guest_dir: str = "/app") -> Iterator[None]:
+    """The project mounted at ``guest_dir`` for the ``with`` block, by this VM's keeper for it
+    (started when there is none); the mount stays ``idle_timeout`` seconds after the last lease
+    ends. The keeper's errors (e.g. /app busy with another project's live mount) are raised here."""
+    import fcntl
+
+    from .sftp_server import confine_mode
+
+    if target.vm_dir is None:
+        raise GuestError("a kept mount needs the VM's folder")
+    confine = confine_mode()
+    key = keeper_key(host_dir, confine)
+    path = socket_path(target, key)
+    records = _records(target.vm_dir)
+    records.mkdir(mode=0o700, exist_ok=True)
+    sock = None
+    with open(records / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in range(2):
+            sock = _lease(path)
+            if sock is not None:
+                break
+            _retire_idle_keepers(target.vm_dir, path)
+            _spawn(target, host_dir, guest_dir, confine, idle_timeout, path, records / f"{key}.json")
+        if sock is None:
+            raise GuestError(f"the mount keeper for {host_dir} did not answer at {path}")
+    try:
+        yield
+    finally:
+        sock.close()
+
+
+def _lease(path: Path) -> Optional[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"lease\n")
+        if _readline(sock) == "ok":
+            sock.settimeout(None)
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+def _retire_idle_keepers(vm_dir: Path, keep: Path) -> None:
+    """Ask the VM's other keepers to end if idle: /app holds one project at a time. A busy one
+    stays (and the mount then says /app is busy)."""
+    for record in sorted(_records(vm_dir).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            path = Path(json.loads(record.read_text())["socket"])
+            if path != keep:
+                _ask(path, "quit-if-idle", timeout=30.0)
+
+
+def _spawn(target: Target, host_dir: Path, guest_dir: str, confine: str, idle_timeout: float, path: Path,
+           record: Path) -> None:
+    spec = {
+        "port": target.port, "identity": str(target.identity), "known_hosts": str(target.known_hosts),
+        "host": target.host, "user": target.user, "vm_dir": str(target.vm_dir),
+        "project": str(host_dir), "guest_dir": guest_dir, "confine": confine, "idle_timeout": idle_timeout,
+        "socket": str(path), "record": str(record),
+    }
+    log = open(record.with_suffix(".log"), "ab")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "devops_tasks.guest.keeper"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, cwd="/", start_new_session=True)
+    finally:
+        log.close()
+    proc.stdin.write(json.dumps(spec).encode() + b"\n")
+    proc.stdin.close()
+    deadline = time.monotonic() + READY_TIMEOUT
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            proc.kill()
+            raise GuestError(f"the mount keeper for {host_dir} did not start within {READY_TIMEOUT:.0f} s")
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        line += chunk
+    proc.stdout.close()
+    text = line.decode("utf-8", "replace").strip()
+    if text != "ready":
+        proc.wait()
+        raise GuestError(text[len("error "):] if text.startswith("error ") else
+                         f"the mount keeper for {host_dir} failed (exit status {proc.returncode}); "
+                         f"see {record.with_suffix('.log')}")
+
+
+# --------------------------------------------------------------------------- the keeper process
+
+
+class Keeper:
+    """Owns one mount, answers on its socket, and ends it when idle, stopped, or dead."""
+
+    def __init__(self, spec: dict):
+        from .mount import Mount
+        from .mux import MuxSession
+
+        self.spec = spec
+        self.project = spec["project"]
+        self.idle_timeout = float(spec["idle_timeout"])
+        self.socket = Path(spec["socket"])
+        self.record = Path(spec["record"])
+        target = Target(port=int(spec["port"]), identity=Path(spec["identity"]),
+                        known_hosts=Path(spec["known_hosts"]), host=spec["host"], user=spec["user"],
+                        vm_dir=Path(spec["vm_dir"]))
+        self.mount = Mount(MuxSession(target), self.project, spec["guest_dir"], confine=spec["confine"])
+        self.leases: set[socket.socket] = set()
+        self.leaving: list[socket.socket] = []  # asked us to end: told "bye" once the mount is gone
+        self.idle_since = time.monotonic()
+        self.started = time.time()
+
+    def info(self) -> dict:
+        idle = 0.0 if self.leases else time.monotonic() - self.idle_since
+        return {"project": self.project, "pid": os.getpid(), "leases": len(self.leases), "idle": round(idle),
+                "ends_in": None if self.leases else max(0, round(self.idle_timeout - idle)),
+                "idle_timeout": self.idle_timeout, "since": round(self.started)}
+
+    def run(self) -> int:
+        try:
+            self.mount.start()
+        except GuestError as exc:
+            print(f"error {exc}", flush=True)
+            return 1
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+            old = os.umask(0o177)
+            try:
+                listener.bind(str(self.socket))
+            finally:
+                os.umask(old)
+            listener.listen(16)
+            self.record.write_text(json.dumps({"socket": str(self.socket), "project": self.project,
+                                               "pid": os.getpid()}) + "\n")
+            print("ready", flush=True)
+            sys.stdout.close()
+            self._serve(listener)
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                self.socket.unlink()
+            with contextlib.suppress(OSError):
+                self.record.unlink()
+            for sock in self.leases:
+                sock.close()
+            self.mount.stop()
+            for sock in self.leaving:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"bye\n")
+                sock.close()
+        return 0
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            # leases first: a command that ended and then asks for info sees itself gone
+            readable, _, _ = select.select([*self.leases, listener], [], [], 0.5)
+            for sock in readable:
+                if sock is listener:
+                    if self._answer(*listener.accept()) == "quit":
+                        return
+                else:  # a lease ends when its command closes the connection (or dies)
+                    with contextlib.suppress(OSError):
+                        if sock.recv(4096):
+                            continue
+                    self.leases.discard(sock)
+                    sock.close()
+                    if not self.leases:
+                        self.idle_since = time.monotonic()
+            if not self.leases and time.monotonic() - self.idle_since >= self.idle_timeout:
+                return
+            chan = self.mount._chan
+            if chan is not None and chan.exit_status_ready():  # sshfs or the VM is gone
+                return
+
+    def _answer(self, conn: socket.socket, _addr) -> str:
+        conn.settimeout(5)
+        try:
+            request = _readline(conn) or ""
+        except OSError:
+            conn.close()
+            return ""
+        if request in ("stop", "quit-if-idle") and (request == "stop" or not self.leases):
+            self.leaving.append(conn)  # answered after the unmount, so /app is free then
+            return "quit"
+        reply = {"lease": "ok", "info": json.dumps(self.info()), "quit-if-idle": "busy"}.get(request, "")
+        with contextlib.suppress(OSError):
+            conn.sendall(reply.encode() + b"\n")
+        if request == "lease":
+            conn.settimeout(None)
+            self.leases.add(conn)
+        else:
+            conn.close()
+        return ""
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.readline())
+    return Keeper(spec).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
