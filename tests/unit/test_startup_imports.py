@@ -66,3 +66,36 @@ def test_the_check_sees_what_a_task_does_import(tmp_path):
     folder.mkdir(parents=True)
     (folder / "last_boot.json").write_text(json.dumps({"memory": 512, "cpus": 1, "ssh_port": 2299}))
     assert "devops_tasks.guest.openssh" in heavy(loaded_after([["vm.ssh-config", "--name", "old"]], tmp_path))
+
+
+
+def run_inv(tmp_path, extra_env: dict[str, str]) -> tuple[set[str], set[str]]:
+    """``inv vm.status`` as the ``inv`` program runs it (Invoke loads a tasks.py), the .pyc files
+    going to a fresh ``PYTHONPYCACHEPREFIX``: (modules of this package cached, files cached from
+    the project folder)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tasks.py").write_text("from devops_tasks.tasks import ns  # noqa: F401\n")
+    prefix = tmp_path / "pyc"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("INVOKE_", "PYTHON"))}
+    env.update(CORE_HOME=str(tmp_path / "core"), CORE_IMAGES_DIR=str(tmp_path / "images"),
+               PYTHONPYCACHEPREFIX=str(prefix), **extra_env)
+    done = subprocess.run([sys.executable, "-c", "from invoke.main import program; program.run()", "-r",
+                           str(project), "vm.status"], env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    cached = list(prefix.rglob("*.pyc"))
+    ours = {path.name.split(".")[0] for path in cached if "devops_tasks" in path.parts}
+    in_project = {path.name for path in cached if (prefix / str(project).lstrip("/")) in path.parents}
+    return ours, in_project
+
+
+def test_inv_caches_the_package_bytecode_but_not_tasks_py(tmp_path):
+    """Invoke turns .pyc writing off for tasks.py's sake; the package turns it back on for itself."""
+    ours, in_project = run_inv(tmp_path, {})
+    assert {"config", "lifecycle", "records"} <= ours
+    assert in_project == set()
+
+
+def test_the_interpreter_setting_is_kept(tmp_path):
+    assert run_inv(tmp_path, {"PYTHONDONTWRITEBYTECODE": "1"}) == (set(), set())
