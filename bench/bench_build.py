@@ -7,15 +7,15 @@ image size, boot-to-SSH of the built image.
 * scratch: empty cache (package lists + every .deb fetched, then built) -- skipped by --no-scratch;
 * cold: .debs cached, image rebuilt (``force``): the time a recipe change costs;
 * baseline (interleaved with the cold builds, same cache): ``mmdebstrap --variant=extract`` of the
-  exact package list the build resolved (same versions, kernel included; the cached .debs and
-  package lists are handed in, so nothing is downloaded and no maintainer script runs, as in the
-  build), the recipe's ``exclude`` paths removed, ``mkfs.ext4 -d`` of an image of the recipe's disk
+  exact package list the build resolved (same versions; the cached .debs and package lists are
+  handed in, so nothing is downloaded, and no maintainer script runs, as in the build; the kernel
+  package is unpacked by ``dpkg-deb -x`` in a hook, as apt would add its dependencies), the recipe's ``exclude`` paths removed, ``mkfs.ext4 -d`` of an image of the recipe's disk
   size, and ``qemu-img convert -c`` (zstd) to qcow2, as the build does. Ratio cold/baseline. The
   baseline does *less* than the build: no boot partition, kernel command line, initramfs or
   syslinux, none of the builder's fix-ups (users, CA bundle, alternatives, init scripts, keys
   contract), no reproducibility passes, so its image does not boot; but it unpacks the whole
   kernel package into the root (the build unpacks it once into its cache and copies the kernel and
-  the recipe's modules), so its qcow2 is larger. Without ``mmdebstrap`` (``apt-get install mmdebstrap``) the script says there is
+  the recipe's modules). Both images' sizes are printed. Without ``mmdebstrap`` (``apt-get install mmdebstrap``) the script says there is
   no baseline and prints the tool's times alone;
 * warm: unchanged recipe and package versions: the cached image is reused (goal < 10 s; no
   baseline: nothing else skips a build whose inputs did not change);
@@ -57,8 +57,9 @@ def build(recipe: str, cache: str, out: Path, force: bool = False):
 
 
 def baseline_inputs(recipe_name: str, work: Path) -> tuple[list[str], Path, Path, object]:
-    """The build's resolved packages (``name=version``, kernel included), a folder of their cached
-    .debs (hard links), the cached apt lists, and the recipe: what mmdebstrap is handed."""
+    """The build's resolved packages (``name=version``, the kernel last), a folder of their cached
+    .debs (hard links), the cached apt lists, and the recipe and its apt source: what mmdebstrap is
+    handed."""
     from devops_tasks.build import builder, load_recipe
 
     os.environ["CORE_CACHE_DIR"] = SHARED_CACHE
@@ -80,6 +81,8 @@ def baseline_inputs(recipe_name: str, work: Path) -> tuple[list[str], Path, Path
 def baseline_build(pins: list[str], debs: Path, lists: Path, recipe_and_source, work: Path) -> tuple[float, int]:
     """mmdebstrap (extract) + exclusions + mkfs.ext4 -d + qemu-img convert -c: (seconds, qcow2 bytes)."""
     recipe, source = recipe_and_source
+    *packages, kernel = pins
+    kernel_deb = next(debs.glob(f"{kernel.split('=')[0]}_*.deb"))
     root, raw, out = work / "baseline-root", work / "baseline.raw", work / "baseline.qcow2"
     for leftover in (raw, out):
         leftover.unlink(missing_ok=True)
@@ -93,10 +96,13 @@ def baseline_build(pins: list[str], debs: Path, lists: Path, recipe_and_source, 
     start = time.perf_counter()
     steps = [
         ["mmdebstrap", "--quiet", "--variant=extract", f"--architectures={source.architecture}",
-         f"--include={','.join(pins)}", "--skip=update", "--skip=download/empty",
+         f"--include={','.join(packages)}", "--skip=update", "--skip=download/empty",
          "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/ \"$1\"/var/lib/apt/lists/",
          f"--setup-hook=sync-in {debs} /var/cache/apt/archives/",
          f"--setup-hook=sync-in {lists} /var/lib/apt/lists/",
+         # the kernel package unpacked as the build does, without its dependencies (initramfs-tools,
+         # udev, kmod...: apt would add them, and they are neither in the image nor in the cache)
+         f"--customize-hook=dpkg-deb -x {kernel_deb} \"$1\"",
          *([f"--customize-hook=rm -rf {excluded}"] if excluded else []),
          source.suite, str(root), *lines],
         ["truncate", "-s", str(recipe.disk_size), str(raw)],
