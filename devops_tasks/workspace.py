@@ -54,12 +54,21 @@ def project_mount(vm: VM, conn, root: Path) -> contextlib.AbstractContextManager
     """The project at ``/app`` for a command: for the command alone (:class:`guest.Mount` on
     ``conn``), or with ``vm.mount_idle_timeout`` > 0 a lease on the VM's kept mount of it
     (:func:`guest.keeper.lease`), which outlives the command by that many idle seconds."""
+    from .guest import keeper
+
     idle = vm.config.vm.mount_idle_timeout
     if idle > 0:
-        from .guest import keeper
-
         return keeper.lease(vm.target(), root, idle)
-    return guest.Mount(conn, root, GUEST_APP_DIR)
+    return _command_mount(vm, conn, root)
+
+
+@contextlib.contextmanager
+def _command_mount(vm: VM, conn, root: Path):
+    """The mount for this command alone, announced for ``vm.status`` while it lives."""
+    from .guest import keeper
+
+    with guest.Mount(conn, root, GUEST_APP_DIR) as mount, keeper.announced(vm.dir.path, root):
+        yield mount
 
 
 @contextlib.contextmanager

@@ -33,7 +33,9 @@ from typing import Iterator, Optional
 from ..errors import GuestError
 from .connection import Target
 
-MOUNTS_DIR = "mounts"  # in the VM's folder: one <key>.json per live keeper
+MOUNTS_DIR = "mounts"  # in the VM's folder: kept-<key>.json per live keeper, cmd-*.json per command
+COMMAND_PREFIX = "cmd-"
+KEPT_PREFIX = "kept-"
 READY_TIMEOUT = 60.0
 
 
@@ -80,12 +82,66 @@ def _readline(sock: socket.socket) -> Optional[str]:
     return data.decode("utf-8", "replace").strip()
 
 
+@contextlib.contextmanager
+def announced(vm_dir: Path, project: Path) -> Iterator[None]:
+    """Say in the VM's folder, for ``vm.status``, that this command has ``project`` mounted: a
+    record locked for the block's life (a killed command's lock goes with it, so its record reads
+    as gone). Nothing is written for a VM folder that does not exist."""
+    import fcntl
+    import secrets
+
+    if not vm_dir.is_dir():
+        yield
+        return
+    folder = _records(vm_dir)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / f"{COMMAND_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.json"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"project": str(project), "pid": os.getpid(), "kept": False,
+                                 "since": round(time.time())}).encode() + b"\n")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _command_mount(record: Path) -> Optional[dict]:
+    """A running command's mount (:func:`announced`), or None when its command is gone."""
+    import fcntl
+
+    try:
+        fd = os.open(record, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the command runs
+            with contextlib.suppress(ValueError):
+                return {**json.loads(record.read_text()), "leases": 1, "idle": 0, "ends_in": None}
+            return None
+        with contextlib.suppress(OSError):
+            record.unlink()
+        return None
+    finally:
+        os.close(fd)
+
+
 def live_mounts(vm_dir: Path) -> list[dict]:
-    """The VM's kept mounts: ``project``, ``leases`` (commands using it now), ``idle`` (seconds
-    since the last one ended, 0 while used) and ``ends_in`` (seconds left). Stale records go."""
+    """The VM's live project mounts: those of running commands (``kept`` false) and kept ones
+    (``kept`` true) with ``project``, ``pid``, ``leases`` (commands using it now), ``idle``
+    (seconds since the last one ended) and ``ends_in`` (seconds left; None while used). Stale
+    records go."""
     found = []
     folder = _records(vm_dir)
-    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for record in sorted(folder.glob(f"{COMMAND_PREFIX}*.json")) if folder.is_dir() else []:
+        mount = _command_mount(record)
+        if mount is not None:
+            found.append(mount)
+    for record in sorted(folder.glob(f"{KEPT_PREFIX}*.json")) if folder.is_dir() else []:
         try:
             path = Path(json.loads(record.read_text())["socket"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -103,7 +159,7 @@ def live_mounts(vm_dir: Path) -> list[dict]:
 def stop_all(vm_dir: Path) -> None:
     """End every keeper of this VM (``vm.stop``)."""
     folder = _records(vm_dir)
-    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for record in sorted(folder.glob(f"{KEPT_PREFIX}*.json")) if folder.is_dir() else []:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             _ask(Path(json.loads(record.read_text())["socket"]), "stop", timeout=30.0)
         with contextlib.suppress(OSError):
@@ -134,7 +190,7 @@ def lease(target: Target, host_dir: Path, idle_timeout: float, guest_dir: str = 
             if sock is not None:
                 break
             _retire_idle_keepers(target.vm_dir, path)
-            _spawn(target, host_dir, guest_dir, confine, idle_timeout, path, records / f"{key}.json")
+            _spawn(target, host_dir, guest_dir, confine, idle_timeout, path, records / f"{KEPT_PREFIX}{key}.json")
         if sock is None:
             raise GuestError(f"the mount keeper for {host_dir} did not answer at {path}")
     try:
@@ -161,7 +217,7 @@ def _lease(path: Path) -> Optional[socket.socket]:
 def _retire_idle_keepers(vm_dir: Path, keep: Path) -> None:
     """Ask the VM's other keepers to end if idle: /app holds one project at a time. A busy one
     stays (and the mount then says /app is busy)."""
-    for record in sorted(_records(vm_dir).glob("*.json")):
+    for record in sorted(_records(vm_dir).glob(f"{KEPT_PREFIX}*.json")):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             path = Path(json.loads(record.read_text())["socket"])
             if path != keep:
@@ -230,7 +286,8 @@ class Keeper:
 
     def info(self) -> dict:
         idle = 0.0 if self.leases else time.monotonic() - self.idle_since
-        return {"project": self.project, "pid": os.getpid(), "leases": len(self.leases), "idle": round(idle),
+        return {"project": self.project, "pid": os.getpid(), "kept": True, "leases": len(self.leases),
+                "idle": round(idle),
                 "ends_in": None if self.leases else max(0, round(self.idle_timeout - idle)),
                 "idle_timeout": self.idle_timeout, "since": round(self.started)}
 

@@ -69,9 +69,12 @@ def format_uptime(seconds: float) -> str:
 
 
 def mount_line(mount: dict) -> str:
-    """A kept project mount (``vm.mount_idle_timeout``): whose, and in use or for how long idle."""
+    """A live project mount: whose, and for which command, or (kept: ``vm.mount_idle_timeout``)
+    in use or for how long idle."""
     leases = int(mount.get("leases") or 0)
-    if leases:
+    if not mount.get("kept", True):
+        state = f"for the command with PID {mount.get('pid', '?')}"
+    elif leases:
         state = f"used by {leases} command{'s' if leases > 1 else ''}"
     else:
         state = f"idle {format_uptime(mount.get('idle') or 0)}, unmounted in {format_uptime(mount.get('ends_in') or 0)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import http.client
+import json
 import os
 import pty
 import re
@@ -513,8 +514,13 @@ def test_test_interrupted_leaves_nothing_behind(vm, project):
     try:
         assert proc.stdout.readline().startswith("Running tests")
         assert proc.stdout.readline().strip() == "started"
+        status = vm.run(INV, "vm.status", "--json")  # the live mount is listed while the command runs
+        assert [(m["project"], m["kept"]) for m in json.loads(status.stdout)["mounts"]] == \
+            [(str(project.resolve()), False)], status.stdout
+        assert f"Mount: /app <- {project.resolve()} (for the command with PID " in vm.run(INV, "vm.status").stdout
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
+        assert json.loads(vm.run(INV, "vm.status", "--json").stdout)["mounts"] == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -524,8 +530,6 @@ def test_test_interrupted_leaves_nothing_behind(vm, project):
 def test_a_kept_mount_outlives_inv_test_until_idle(vm, project, tmp_path):
     """``vm.mount_idle_timeout``: the mount stays between commands (the same keeper serves the next
     one), ``vm.status`` shows it, another project retires it, and it ends after the idle time."""
-    import json
-
     config = vm.home / "config.yaml"
     saved = config.read_text()
     config.write_text(saved + "  mount_idle_timeout: 6\n")

@@ -95,6 +95,40 @@ def test_the_socket_is_private(target):
 def test_stale_records_are_dropped(target):
     records = target.vm_dir / keeper.MOUNTS_DIR
     records.mkdir()
-    (records / "x.json").write_text(json.dumps({"socket": str(target.vm_dir / "gone.sock")}))
+    (records / "kept-x.json").write_text(json.dumps({"socket": str(target.vm_dir / "gone.sock")}))
+    (records / "cmd-1-x.json").write_text(json.dumps({"project": "/p", "pid": 1}))  # nobody holds its lock
     assert keeper.live_mounts(target.vm_dir) == []
-    assert not (records / "x.json").exists()
+    assert list(records.iterdir()) == []
+
+
+def test_a_command_s_mount_is_announced_while_it_runs(tmp_path):
+    vm_dir = tmp_path / "vm"
+    vm_dir.mkdir()
+    with keeper.announced(vm_dir, tmp_path / "proj"):
+        [mount] = keeper.live_mounts(vm_dir)
+        assert (mount["project"], mount["pid"], mount["kept"]) == (str(tmp_path / "proj"), os.getpid(), False)
+        [record] = (vm_dir / keeper.MOUNTS_DIR).iterdir()
+        assert record.stat().st_mode & 0o777 == 0o600
+    assert keeper.live_mounts(vm_dir) == []
+    with keeper.announced(tmp_path / "no-such-vm", tmp_path):  # no VM folder: nothing written
+        pass
+    assert not (tmp_path / "no-such-vm").exists()
+
+
+def test_a_killed_command_s_mount_is_not_announced(tmp_path):
+    import subprocess
+    import sys
+
+    vm_dir = tmp_path / "vm"
+    vm_dir.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, pathlib, time; from devops_tasks.guest import keeper\n"
+                              "with keeper.announced(pathlib.Path(sys.argv[1]), pathlib.Path('/p')):\n"
+                              "    print('in', flush=True); time.sleep(600)", str(vm_dir)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "in\n"
+        assert [m["pid"] for m in keeper.live_mounts(vm_dir)] == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+    assert keeper.live_mounts(vm_dir) == []
