@@ -2,6 +2,7 @@
 """Boot-to-ready, stop and status times of the ``vm`` tasks, each against a baseline in the same run.
 
     .venv/bin/python bench/bench_vm.py [--image PATH] [--runs 3] [--memory 512] [--cpus 1]
+                                       [--status-runs 15] [--status-only]
 
 Without ``--image`` the image builder's default recipe is built (or reused from its cache).
 
@@ -9,8 +10,13 @@ Without ``--image`` the image builder's default recipe is built (or reused from 
   ready line, one strict SSH) vs plain QEMU with the same argument list plus an ``ssh ... true`` poll
   every 0.1 s on the same image; ratio tool/plain (goal <= 1.05, and the difference < 300 ms);
 * stop: ``inv vm.stop`` (ACPI power-down) vs QMP ``system_powerdown`` and waiting for the process;
-* status: ``inv vm.status`` of a running VM vs ``python3 -c "import devops_tasks"``.
+* status: ``inv vm.status`` vs ``inv --version`` (Python and Invoke alone: the floor of any task),
+  both new processes, interleaved, medians of ``--status-runs``; with the VM running and stopped;
+  ``inv vm.list`` too. Ratio status/--version (goal <= 1.3). ``--status-only`` skips the boot and
+  stop rounds (one boot for the running case).
 Both boots reuse their overlay (the tool's persists across stop/boot) and pinned host key.
+Every process runs with its .pyc files (``PYTHONDONTWRITEBYTECODE`` is dropped and a warm-up run
+writes them), as an installed package does.
 """
 
 from __future__ import annotations
@@ -62,15 +68,14 @@ def now_ticks() -> int:
 PRE_QEMU: list[float] = []  # inv vm.boot started → QEMU daemon started: what the tool adds up front
 
 
-def tool_boot_stop(memory: int, cpus: int) -> tuple[float, float, list[float]]:
+def tool_boot_stop(memory: int, cpus: int) -> tuple[float, float]:
     from devops_tasks.machine.records import VMDir
 
     t0 = now_ticks()
     boot = timed([INV, "vm.boot", "--memory", str(memory), "--cpus", str(cpus)])
     PRE_QEMU.append((start_ticks(VMDir("core-dev").load().pid) - t0) / os.sysconf("SC_CLK_TCK"))
-    status = [timed([INV, "vm.status"]) for _ in range(5)]
     stop = timed([INV, "vm.stop"])
-    return boot, stop, status
+    return boot, stop
 
 
 def plain_boot_stop(work: Path, image: Path, memory: int, cpus: int) -> tuple[float, float]:
@@ -111,17 +116,43 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+STATUS_ARGVS = {"inv --version": [INV, "--version"], "inv vm.status": [INV, "vm.status"],
+                "inv vm.list": [INV, "vm.list"]}
+
+
+def status_round(runs: int) -> dict[str, float]:
+    """Medians of interleaved runs (the order rotates each round: other load hits each alike)."""
+    times: dict[str, list[float]] = {label: [] for label in STATUS_ARGVS}
+    labels = list(STATUS_ARGVS)
+    for label in labels:  # warm-up: page cache and .pyc files
+        timed(STATUS_ARGVS[label])
+    for run in range(runs):
+        for label in labels[run % len(labels):] + labels[:run % len(labels)]:
+            times[label].append(timed(STATUS_ARGVS[label]))
+    return {label: median(values) for label, values in times.items()}
+
+
+def print_status(state: str, result: dict[str, float]) -> None:
+    floor = result["inv --version"]
+    cells = "  ".join(f"{label} {1000 * value:.0f} ms" for label, value in result.items())
+    print(f"status, VM {state:8}  {cells}  ratio vm.status/--version {result['inv vm.status'] / floor:.2f} "
+          f"(goal <= 1.3)  vm.list/--version {result['inv vm.list'] / floor:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, help="qcow2 that follows the guest contract")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--memory", type=int, default=512)
     parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--status-runs", type=int, default=15)
+    parser.add_argument("--status-only", action="store_true", help="skip the boot and stop rounds")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-vm-"))
     os.environ.update(CORE_HOME=str(work / "core"), CORE_IMAGES_DIR=str(work / "images"))
     os.environ.pop("CORE_SKIP_SSH_SCAN", None)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the children keep their .pyc files, as installed
     from devops_tasks import hostkeys, paths
     from devops_tasks.machine.disk import create_overlay
     from devops_tasks.manifest import ImageInfo, Manifest
@@ -146,22 +177,34 @@ def main() -> None:
     hostkeys.ensure_login_key()
     hostkeys.ensure_key(plain / "hostkey", "bench")
 
+    print("status rounds (one boot)...", file=sys.stderr)
+    timed([INV, "vm.boot", "--memory", str(args.memory), "--cpus", str(args.cpus)])
+    status_running = status_round(args.status_runs)
+    timed([INV, "vm.stop"])
+    status_stopped = status_round(args.status_runs)
+    if args.status_only:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        print_status("running", status_running)
+        print_status("stopped", status_stopped)
+        return
+
     print("warm-up (first boot makes the tool's overlay and keys)...", file=sys.stderr)
     tool_boot_stop(args.memory, args.cpus)
     plain_boot_stop(plain, image, args.memory, args.cpus)
 
-    tool_boot, tool_stop, status, plain_boot, plain_stop = [], [], [], [], []
+    tool_boot, tool_stop, plain_boot, plain_stop = [], [], [], []
     for run in range(args.runs):  # interleaved, alternating order: load from other work hits both
         if run % 2:
             pb, ps = plain_boot_stop(plain, image, args.memory, args.cpus)
-        b, s, st = tool_boot_stop(args.memory, args.cpus)
+        b, s = tool_boot_stop(args.memory, args.cpus)
         if not run % 2:
             pb, ps = plain_boot_stop(plain, image, args.memory, args.cpus)
-        tool_boot.append(b), tool_stop.append(s), status.extend(st)
+        tool_boot.append(b), tool_stop.append(s)
         plain_boot.append(pb), plain_stop.append(ps)
         print(f"run {run + 1}: tool boot {b:.2f}s stop {s:.2f}s | plain boot {pb:.2f}s stop {ps:.2f}s",
               file=sys.stderr)
-    imports = [timed([sys.executable, "-c", "import devops_tasks"]) for _ in range(5)]
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
@@ -175,9 +218,8 @@ def main() -> None:
           f"median {1000 * median(PRE_QEMU[1:]):.0f} ms (clock ticks of 10 ms)")
     ts, ps = median(tool_stop), median(plain_stop)
     print(f"stop            inv vm.stop {ts:.2f}s  QMP system_powerdown + wait {ps:.2f}s  ratio {ts / ps:.2f}")
-    sm, im = median(status), median(imports)
-    print(f"status          inv vm.status {1000 * sm:.0f} ms  python -c 'import devops_tasks' {1000 * im:.0f} ms  "
-          f"ratio {sm / im:.2f}")
+    print_status("running", status_running)
+    print_status("stopped", status_stopped)
 
 
 if __name__ == "__main__":

@@ -57,16 +57,17 @@ def main() -> None:
         home = Path(tmp) / "core"
         make_vms(home, args.vms)
         env = {**os.environ, "CORE_HOME": str(home), "CORE_IMAGES_DIR": str(Path(tmp) / "images")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # with their .pyc files, as an installed package
         listed = subprocess.run([INV, "vm.list", "--json"], cwd=REPO, env=env, capture_output=True, text=True)
         assert len(json.loads(listed.stdout)) == args.vms, listed.stdout + listed.stderr
         for argv in ([INV, "--version"], [INV, "vm.list"]):  # warm the page cache and .pyc files
             timed(argv, env)
         version, text, as_json, status = [], [], [], []
-        for _ in range(args.runs):
-            version.append(timed([INV, "--version"], env))
-            text.append(timed([INV, "vm.list"], env))
-            as_json.append(timed([INV, "vm.list", "--json"], env))
-            status.append(timed([INV, "vm.status", "--name", "vm-00"], env))
+        rounds = [(version, [INV, "--version"]), (text, [INV, "vm.list"]), (as_json, [INV, "vm.list", "--json"]),
+                  (status, [INV, "vm.status", "--name", "vm-00"])]
+        for run in range(args.runs):  # the order rotates each round: load from other work hits each alike
+            for times, argv in rounds[run % len(rounds):] + rounds[:run % len(rounds)]:
+                times.append(timed(argv, env))
     med = statistics.median
     print(f"VM folders: {args.vms}, runs: {args.runs} (medians)")
     print(f"  inv --version        {med(version) * 1000:7.1f} ms")

@@ -6,11 +6,14 @@
 Boots one VM (TCG here) with ``CORE_HOME`` in a temp dir. Without ``--image`` the default recipe
 is built, or reused from the test build cache. Medians of interleaved runs:
 
-* shell: ``devops shell --no-mount -- true`` (a new process: Python, Invoke, the VM record, then
-  ``ssh`` over the VM's multiplexed master) vs ``ssh ... true`` with the same key, known_hosts and
-  strict options and no multiplexing; ratio devops/ssh (goal <= 1.2). The first ``devops shell`` of
-  a VM (it starts the master), ``CORE_SSH_MULTIPLEX=0`` and ``devops shell -- true`` in a project
-  (which mounts it at /app for the command) are shown too.
+* shell: ``devops shell -- true`` run outside a project (a new process: Python, the config, the VM
+  record, then ``ssh`` over the VM's multiplexed master) vs ``ssh`` as a user types it
+  (``ssh -p PORT -i KEY -o UserKnownHostsFile=FILE root@127.0.0.1 true``: no multiplexing) and vs
+  that same ``ssh`` with its own ``ControlMaster``/``ControlPersist`` (like for like: both sides
+  reuse a connection); ratios devops/ssh (goal <= 1.2 against the typed ssh). Shown too: the first
+  ``devops shell`` of a VM (it starts the master), ``CORE_SSH_MULTIPLEX=0``, ``ssh`` with the
+  tool's strict options and no multiplexing, and ``devops shell -- true`` in a project (which
+  mounts it at /app for the command).
 * mount: write and read of a ``--mib`` file and a ``find`` + ``stat`` walk over ``--files`` files,
   in the guest, through the tool's mount (``guest.Mount``: Paramiko channel, Python pumps,
   ``dcache_timeout=1``) vs ``ssh VM sshfs : /mnt -o slave`` piped straight to ``sftp-server``
@@ -88,6 +91,7 @@ def boot(image: Path, work: Path) -> dict:
     manifest.save()
     env = {**os.environ, "CORE_HOME": str(home), "CORE_IMAGES_DIR": str(images)}
     env.pop("SSH_AUTH_SOCK", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # the tool's processes keep their .pyc files, as installed
     os.environ.update(CORE_HOME=env["CORE_HOME"], CORE_IMAGES_DIR=env["CORE_IMAGES_DIR"])
     os.environ.pop("SSH_AUTH_SOCK", None)
     timed([INV, "vm.boot"], env)
@@ -97,38 +101,48 @@ def boot(image: Path, work: Path) -> dict:
 # --------------------------------------------------------------------------- shell
 
 
+def typed_ssh(target, command: list[str], master: str = "") -> list[str]:
+    """``ssh`` as a user types it for this VM: port, key, known_hosts, nothing else (``master``: a
+    ControlPath, then with its own ControlMaster, as a user's ``~/.ssh/config`` would set it up)."""
+    argv = ["ssh", "-p", str(target.port), "-i", str(target.identity), "-o", f"UserKnownHostsFile={target.known_hosts}"]
+    if master:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={master}", "-o", "ControlPersist=120"]
+    return [*argv, "root@127.0.0.1", *command]
+
+
 def bench_shell(env: dict, target, runs: int) -> dict:
     from devops_tasks import guest
 
-    # This repo is a project: without --no-mount each shell would mount it at /app (measured apart).
-    shell = [DEVOPS, "shell", "--no-mount", "--", "true"]
-    plain = guest.ssh_argv(target, ["true"], forward_agent=False, multiplex=False)
-    first = timed(shell, env)  # starts this VM's master
-    tool, ssh, nomux, mounted = [], [], [], []
-    for _ in range(runs):
-        tool.append(timed(shell, env))
-        ssh.append(timed(plain, env))
-        nomux.append(timed(shell, {**env, "CORE_SSH_MULTIPLEX": "0"}))
-        mounted.append(timed([DEVOPS, "shell", "--", "true"], env, cwd=EXAMPLE))
-    python = [timed([sys.executable, "-c", "import devops_tasks.cli"], env) for _ in range(runs)]
-    fast_argv = [sys.executable, "-c", "import sys; from devops_tasks.cli import fast_shell; "
-                 "sys.exit(fast_shell(['shell', '--no-mount', '--', 'true']))"]
-    fast, ssh2 = [], []
-    for _ in range(runs):
-        fast.append(timed(fast_argv, env))
-        ssh2.append(timed(plain, env))
-    return {
-        "devops shell --no-mount -- true": median(tool),
-        "ssh ... true": median(ssh),
-        "ratio": median(tool) / median(ssh),
-        "first devops shell (starts the master)": first,
-        "devops shell, CORE_SSH_MULTIPLEX=0": median(nomux),
-        "devops shell -- true in a project (mounts it at /app)": median(mounted),
-        "python -c 'import devops_tasks.cli'": median(python),
-        "fast path (cli.fast_shell, no Invoke)": median(fast),
-        "ssh ... true (same rounds)": median(ssh2),
-        "ratio fast path": median(fast) / median(ssh2),
+    outside = Path(tempfile.mkdtemp(prefix="bench-ws-noproject-"))  # not a project: nothing is mounted
+    master = str(outside / "cm-%C")
+    variants = {
+        "devops shell -- true": ([DEVOPS, "shell", "--", "true"], env, outside),
+        "ssh -p P -i KEY -o UserKnownHostsFile=F root@127.0.0.1 true": (typed_ssh(target, ["true"]), env, outside),
+        "the same ssh with its own ControlMaster": (typed_ssh(target, ["true"], master), env, outside),
+        "devops shell -- true, CORE_SSH_MULTIPLEX=0": ([DEVOPS, "shell", "--", "true"],
+                                                       {**env, "CORE_SSH_MULTIPLEX": "0"}, outside),
+        "ssh with the tool's strict options, no multiplexing": (
+            guest.ssh_argv(target, ["true"], forward_agent=False, multiplex=False), env, outside),
+        "devops shell -- true in a project (mounts it at /app)": ([DEVOPS, "shell", "--", "true"], env, EXAMPLE),
     }
+    first = timed(variants["devops shell -- true"][0], env, cwd=outside)  # starts this VM's master
+    for argv, venv, cwd in variants.values():  # warm-up: the typed ssh's master, page cache, .pyc files
+        timed(argv, venv, cwd=cwd)
+    times: dict[str, list[float]] = {label: [] for label in variants}
+    labels = list(variants)
+    for run in range(runs):  # interleaved; the order rotates each round
+        for label in labels[run % len(labels):] + labels[:run % len(labels)]:
+            argv, venv, cwd = variants[label]
+            times[label].append(timed(argv, venv, cwd=cwd))
+    subprocess.run(["ssh", "-o", f"ControlPath={master}", "-O", "exit", "root@127.0.0.1"], capture_output=True)
+    shutil.rmtree(outside, ignore_errors=True)
+    out = {label: median(values) for label, values in times.items()}
+    tool = out["devops shell -- true"]
+    out["first devops shell of the VM (starts its master)"] = first
+    out["ratio devops shell / typed ssh (goal <= 1.2)"] = tool / out[labels[1]]
+    out["ratio devops shell / ssh with its own ControlMaster"] = tool / out[labels[2]]
+    out["ratio CORE_SSH_MULTIPLEX=0 / typed ssh"] = out[labels[3]] / out[labels[1]]
+    return out
 
 
 # --------------------------------------------------------------------------- mount
@@ -343,7 +357,7 @@ def show(section: str, values: dict) -> dict:
     print(f"[{section}]")
     for key, value in values.items():
         unit = "" if ("ratio" in key or "MB/s" in key or key.endswith(" s")) else " s"
-        print(f"  {key:45} {value:8.3f}{unit}", flush=True)
+        print(f"  {key:62} {value:8.3f}{unit}", flush=True)
     return values
 
 

@@ -10,9 +10,6 @@ by other VMs, so an old key beside the new one would be wrong.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
 import subprocess
 import time
@@ -78,6 +75,10 @@ def host_patterns(port: int) -> list[str]:
 
 def _hashed_match(entry: str, name: str) -> bool:
     """Does a hashed host entry ``|1|salt|hash`` stand for ``name``?"""
+    import base64  # here: most tasks never read a hashed line, and these cost a few ms at start-up
+    import hashlib
+    import hmac
+
     try:
         _, _, salt, digest = entry.split("|", 3)
         mac = hmac.new(base64.b64decode(salt), name.encode(), hashlib.sha1).digest()

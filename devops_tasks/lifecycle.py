@@ -8,6 +8,10 @@ Boot holds the VM's lock from the liveness check until the guest answers, so con
 one name give exactly one VM (the others then see it running). Anything started by a boot that
 fails or is interrupted (Ctrl-C, SIGTERM) is stopped and its record removed before the error
 propagates, so no half-booted VM or stale record is left behind.
+
+``vm.status`` and ``vm.list`` come through here and should start as fast as ``inv --version``: what
+only boot and stop use (host keys, the QEMU process, the disk, the boot hand-off, ports, signals)
+is imported in the functions that use it.
 """
 
 from __future__ import annotations
@@ -16,26 +20,22 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import guest, handoff, hostkeys, paths
+from . import guest, paths
 from .config import Config, check_network_mode, default_config, env_float
 from .errors import DevopsError, NotRunningError, VMError
 from .fsutil import atomic_write_text, file_lock
-from .machine import disk, process
-from .machine.ports import pick_port
 from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_argv, detect_accel,
                            image_arch, qemu_binary, socat_binary)
 from .clock import format_time, now_utc
 from .machine.records import VMDir, VMRecord, all_names, is_alive, make_private
 from .manifest import Manifest
 from .options import BootOptions, DevStatus
-from .signals import stop_as_interrupt
 
 Echo = Callable[[str], None]
 
@@ -117,6 +117,8 @@ class VM:
 def target_for(name: str, port: int) -> guest.Target:
     """The SSH target of VM ``name`` forwarded on ``port``: the tool's login key and known_hosts,
     and the VM's folder (one OpenSSH master per VM)."""
+    from . import hostkeys
+
     return guest.Target(port=int(port), identity=hostkeys.login_key_path(),
                         known_hosts=paths.known_hosts_path(), vm_dir=VMDir(name).path)
 
@@ -167,6 +169,8 @@ def include_line(path: Path) -> str:
 
 def write_ssh_files(vm: VMDir, port: int) -> None:
     """``ssh_known_hosts`` (this VM's pinned host key lines) and ``ssh_config`` in the VM's folder."""
+    from . import hostkeys
+
     lines = hostkeys.host_key_lines(port)
     if lines:
         atomic_write_text(vm.ssh_known_hosts, "".join(line + "\n" for line in lines), 0o600)
@@ -176,6 +180,10 @@ def write_ssh_files(vm: VMDir, port: int) -> None:
 # -- boot ---------------------------------------------------------------------------------------
 
 def boot(machine: VM, opts: BootOptions) -> DevStatus:
+    from . import handoff, hostkeys
+    from .machine import disk, process
+    from .signals import stop_as_interrupt
+
     name = machine.name
     network = check_network_mode(opts.network or machine.config.vm.network, "--network")
     vm = VMDir(name)
@@ -236,6 +244,12 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
            accel: str, contract: bool, host_key: Path, login_key: Path, network: str = "open",
            socat: str = "", guest_files: tuple[tuple[str, Path], ...] = ()) -> VMRecord:
     """Choose the port and start QEMU under the ports lock, so two boots never pick the same port."""
+    import secrets
+
+    from . import hostkeys
+    from .machine import process
+    from .machine.ports import pick_port
+
     with file_lock(paths.vms_dir() / ".ports.lock"):
         port = pick_port(opts.ssh_port, default_port, reserved=_ports_in_use(except_name=vm.name))
         spec = MachineSpec(
@@ -286,6 +300,9 @@ def _ports_in_use(except_name: str = "") -> set[int]:
 
 def _abort(vm: VMDir, record: VMRecord | None) -> None:
     """Stop whatever this boot started (found by record, else by pidfile) and forget it."""
+    from . import hostkeys
+    from .machine import process
+
     try:
         if record is not None:
             process.stop(record.pid, record.process_start, record.pidfile, record.qmp_socket, graceful=False)
@@ -303,6 +320,8 @@ def _abort(vm: VMDir, record: VMRecord | None) -> None:
 # -- readiness ------------------------------------------------------------------------------------
 
 def _wait_ready(machine: VM, vm: VMDir, record: VMRecord, contract: bool, timeout: float) -> None:
+    from . import hostkeys
+
     deadline = time.monotonic() + timeout
     alive = lambda: is_alive(record)  # noqa: E731
     if contract:
@@ -365,6 +384,8 @@ def _confirm_ssh(vm: VMDir, record: VMRecord, deadline: float, timeout: float) -
     """One strict connection with the pinned key proves the guest is the one we keyed."""
     import subprocess
 
+    from . import hostkeys
+
     argv = guest.ssh_argv(target_for(record.name, record.ssh_port), ["true"], forward_agent=False, tty=False, multiplex=False,
                           connect_timeout=5)
     last = ""
@@ -408,6 +429,9 @@ def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def stop(machine: VM) -> bool:
     """Power the VM down (escalating to QMP quit, SIGTERM, SIGKILL); False when it was not running."""
+    from . import hostkeys
+    from .machine import process
+
     vm = machine.dir
     if not vm.path.is_dir():
         machine.echo("Dev environment is not running")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from . import guest, hostkeys
+from . import guest
 from .errors import VMError
 from .lifecycle import (NETWORK_OPEN, VM, include_line, live_record, load_last_boot, running_vms,
                         ssh_config_text, target_for, write_ssh_files)
@@ -95,6 +94,8 @@ def list_vms() -> list[VMSummary]:
 def delete(vm: VM, force: bool = False) -> int:
     """Remove the VM's folder (disk, snapshots, keys, logs) and the known_hosts lines of its port;
     the bytes freed. A running VM is refused unless ``force``, which stops it first."""
+    import shutil  # here, as hostkeys below: vm.list, which imports this module, never needs them
+
     folder = require_vm(vm)
     try:
         record = live_record(vm.name)
@@ -125,6 +126,8 @@ def delete(vm: VM, force: bool = False) -> int:
         shutil.rmtree(folder.path)
         if sockets != folder.path:
             shutil.rmtree(sockets, ignore_errors=True)
+    from . import hostkeys
+
     for port in ports - {0} - _ports_of_running_vms():
         hostkeys.forget_host(port)
     return freed

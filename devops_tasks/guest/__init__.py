@@ -19,84 +19,57 @@ One concern a module; every public name is re-exported here, so callers write ``
 
 A test that replaces a module-level name must patch the module that looks it up (e.g.
 ``guest.sftp_server.find_bwrap``), not this package. Fabric and Paramiko are imported inside
-functions so ``import devops_tasks`` stays fast.
+functions so ``import devops_tasks`` stays fast, and each name here is imported on first use
+(:data:`_EXPORTS`), so a caller that needs one module (``hostkeys`` its loopback address,
+``vm.status`` nothing of SSH) does not load the rest.
 """
 
-from .commands import (
-    capture,
-    env_exports,
-    kill_remote,
-    kill_script,
-    quote_words,
-    run,
-    signal_handlers,
-    stdin_interactive,
-    wrap_command,
-)
-from .connection import CONNECT_TIMEOUT, GUEST_USER, LOOPBACK, Target, agent_socket, check_target, connect, session
-from .forward import Forward, bind_local
-from .mux import MuxSession, openssh_session
-from .mount import GUEST_APP_DIR, MOUNT_TIMEOUT, SSHFS_OPTIONS, Mount, fsname_for, mount_script, unmount_script
-from .openssh import (CONTROL_PERSIST, close_master, config_block, config_value, control_path, run_foreground,
-                      ssh_argv, ssh_options)
-from .sftp_server import (
-    CONFINE_MODES,
-    SFTP_SERVER_CANDIDATES,
-    SftpServerCommand,
-    confine_mode,
-    find_bwrap,
-    find_sftp_server,
-    sftp_server_command,
-)
-from .transfer import CopyResult, CopySpec, copy_from_guest, copy_to_guest, parse_copy
+from __future__ import annotations
 
-__all__ = [
-    "CONFINE_MODES",
-    "CONNECT_TIMEOUT",
-    "CONTROL_PERSIST",
-    "CopyResult",
-    "CopySpec",
-    "Forward",
-    "GUEST_APP_DIR",
-    "GUEST_USER",
-    "LOOPBACK",
-    "MOUNT_TIMEOUT",
-    "Mount",
-    "MuxSession",
-    "SFTP_SERVER_CANDIDATES",
-    "SSHFS_OPTIONS",
-    "SftpServerCommand",
-    "Target",
-    "agent_socket",
-    "bind_local",
-    "capture",
-    "check_target",
-    "close_master",
-    "config_block",
-    "config_value",
-    "confine_mode",
-    "connect",
-    "control_path",
-    "copy_from_guest",
-    "copy_to_guest",
-    "env_exports",
-    "find_bwrap",
-    "find_sftp_server",
-    "fsname_for",
-    "kill_remote",
-    "kill_script",
-    "mount_script",
-    "openssh_session",
-    "parse_copy",
-    "quote_words",
-    "run",
-    "run_foreground",
-    "session",
-    "sftp_server_command",
-    "signal_handlers",
-    "ssh_argv",
-    "ssh_options",
-    "stdin_interactive",
-    "unmount_script",
-    "wrap_command",
-]
+import importlib
+from typing import Any
+
+# each module of this package and the public names it defines
+_MODULES = {
+    "commands": (
+        "capture", "env_exports", "kill_remote", "kill_script", "quote_words", "run", "signal_handlers",
+        "stdin_interactive", "wrap_command",
+    ),
+    "connection": (
+        "CONNECT_TIMEOUT", "GUEST_USER", "LOOPBACK", "Target", "agent_socket", "check_target", "connect", "session",
+    ),
+    "forward": ("Forward", "bind_local"),
+    "mux": ("MuxSession", "openssh_session"),
+    "mount": (
+        "GUEST_APP_DIR", "MOUNT_TIMEOUT", "SSHFS_OPTIONS", "Mount", "fsname_for", "mount_script", "unmount_script",
+    ),
+    "openssh": (
+        "CONTROL_PERSIST", "close_master", "config_block", "config_value", "control_path", "run_foreground",
+        "ssh_argv", "ssh_options",
+    ),
+    "sftp_server": (
+        "CONFINE_MODES", "SFTP_SERVER_CANDIDATES", "SftpServerCommand", "confine_mode", "find_bwrap",
+        "find_sftp_server", "sftp_server_command",
+    ),
+    "transfer": ("CopyResult", "CopySpec", "copy_from_guest", "copy_to_guest", "parse_copy"),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+_SUBMODULES = frozenset({*_MODULES, "sftp_filter"})
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """``guest.X``: the name from its module, or a submodule (``guest.sftp_server``), imported now."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

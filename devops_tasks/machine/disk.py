@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import re
 import struct
 import subprocess
@@ -52,6 +51,8 @@ def prepare(vm: VMDir, image: Path, info=None) -> bool:
 
 
 def qemu_img_binary() -> str:
+    import shutil  # here: vm.list reads sizes without it
+
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise VMError("qemu-img not found: install qemu-utils (apt-get install qemu-utils)")

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import paths
+from ..config import NETWORK_MODES
 from ..errors import VMError
 
 FW_CFG_VENDOR = "opt/devops-tasks"
-NETWORK_MODES = ("open", "restricted")
 # The address a restricted guest reaches the host proxy at (guestfwd: only this one connects out).
 GUEST_PROXY_HOST = "10.0.2.100"
 GUEST_PROXY_PORT = 3128
@@ -153,6 +152,8 @@ def plain_path(path: Path | str) -> bool:
 
 def socat_binary() -> str:
     """Absolute path of socat (it carries a restricted guest's connections to the proxy socket)."""
+    import shutil  # here, as in qemu_binary: reading records (vm.status) never needs it
+
     found = shutil.which("socat")
     if not found:
         raise VMError("socat not found: a restricted VM needs it (apt-get install socat; brew install socat)")
@@ -171,6 +172,8 @@ def qemu_binary(arch: str, system: str | None = None) -> str:
     name = _BINARIES.get(arch)
     if name is None:
         raise VMError(f"unsupported image architecture {arch!r} (supported: amd64, arm64)")
+    import shutil
+
     found = shutil.which(name)
     if found:
         return found

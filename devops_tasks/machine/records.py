@@ -8,14 +8,12 @@ than left to hide a live VM. Writes are atomic and guarded by a per-VM ``flock``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import stat
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +107,9 @@ class VMDir:
         QEMU guestfwd command cannot take (see ``qemu.plain_path``)."""
         if len(str(self.path / "serial.sock")) <= MAX_SOCKET_PATH and plain_path(self.path):
             return self.path
+        import hashlib  # here, as tempfile below: vm.status and vm.list rarely need them
+        import tempfile
+
         digest = hashlib.sha256(str(self.path).encode()).hexdigest()[:16]
         uid = os.getuid() if hasattr(os, "getuid") else 0
         return Path(tempfile.gettempdir()) / f"devops-tasks-{uid}" / digest

@@ -163,6 +163,18 @@ def test_network_defaults_and_values():
         ["a.example", "b.example:8443"]
 
 
+def test_the_default_claude_section_passes_the_checks_it_skips():
+    """ClaudeConfig.check returns early for the defaults (so tasks other than claude skip the
+    allowlist and upstream parsers): the defaults must be valid by those parsers."""
+    from devops_tasks.config import DEFAULT_ALLOW, DEFAULTS
+    from devops_tasks.proxy.allowlist import parse_entry
+    from devops_tasks.proxy.upstream import Upstream
+
+    for entry in DEFAULT_ALLOW:
+        parse_entry(entry)
+    Upstream.from_url(DEFAULTS["claude"]["api_url"])
+
+
 def test_mount_idle_timeout_defaults_to_off_and_is_checked():
     assert default_config().vm.mount_idle_timeout == 0
     write_config("vm:\n  mount_idle_timeout: 300\n")

@@ -170,6 +170,7 @@ def test_config_keys(tmp_path):
 def test_boot_refuses_a_broken_ca_bundle_before_starting_anything(tmp_path, monkeypatch):
     """The bad-input rule: one line naming the key, and no QEMU, record or key written."""
     from devops_tasks import lifecycle
+    from devops_tasks.machine import process
     from devops_tasks.manifest import ImageInfo, Manifest
 
     monkeypatch.setenv("CORE_HOME", str(tmp_path / "core"))
@@ -182,7 +183,7 @@ def test_boot_refuses_a_broken_ca_bundle_before_starting_anything(tmp_path, monk
     manifest.save()
     started = []
     monkeypatch.setattr(lifecycle, "qemu_binary", lambda arch: "/bin/false")
-    monkeypatch.setattr(lifecycle.process, "start", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(process, "start", lambda *a, **k: started.append(a))
     config = Config.from_dict({"vm": {"ca_bundle": str(tmp_path / "missing.pem")}})
     with pytest.raises(ConfigError, match="vm.ca_bundle: cannot read"):
         lifecycle.VM("core-dev", config, echo=lambda line: None).boot()

@@ -125,7 +125,7 @@ def test_image_arch_from_name():
 
 
 def test_missing_qemu_names_the_package(monkeypatch):
-    monkeypatch.setattr(qemu.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(VMError, match=r"qemu-system-x86_64 not found: install qemu-system-x86"):
         qemu_binary("amd64", system="linux")
     with pytest.raises(VMError, match=r"qemu-system-aarch64 not found: install qemu \(brew"):
@@ -133,7 +133,7 @@ def test_missing_qemu_names_the_package(monkeypatch):
 
 
 def test_binary_by_arch(monkeypatch):
-    monkeypatch.setattr(qemu.shutil, "which", lambda name: f"/bin/{name}")
+    monkeypatch.setattr("shutil.which", lambda name: f"/bin/{name}")
     assert qemu_binary("amd64") == "/bin/qemu-system-x86_64"
     assert qemu_binary("arm64") == "/bin/qemu-system-aarch64"
     with pytest.raises(VMError, match="unsupported"):
