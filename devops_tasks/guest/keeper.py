@@ -19,12 +19,9 @@ socket and project, so the VM's live mounts can be found.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import select
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,11 +38,15 @@ READY_TIMEOUT = 60.0
 
 def keeper_key(host_dir: Path, confine: str) -> str:
     """One keeper per VM, project and confinement mode."""
+    import hashlib
+
     return hashlib.sha256(f"{host_dir}\0{confine}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def socket_path(target: Target, key: str) -> Path:
     """The keeper's socket: next to the VM's OpenSSH master socket (short, private, per VM)."""
+    import hashlib
+
     from .openssh import runtime_folder
 
     folder = runtime_folder()
@@ -226,6 +227,9 @@ def _retire_idle_keepers(vm_dir: Path, keep: Path) -> None:
 
 def _spawn(target: Target, host_dir: Path, guest_dir: str, confine: str, idle_timeout: float, path: Path,
            record: Path) -> None:
+    import select
+    import subprocess
+
     spec = {
         "port": target.port, "identity": str(target.identity), "known_hosts": str(target.known_hosts),
         "host": target.host, "user": target.user, "vm_dir": str(target.vm_dir),
@@ -328,6 +332,8 @@ class Keeper:
         return 0
 
     def _serve(self, listener: socket.socket) -> None:
+        import select
+
         while True:
             # leases first: a command that ended and then asks for info sees itself gone
             readable, _, _ = select.select([*self.leases, listener], [], [], 0.5)
