@@ -299,6 +299,7 @@ def bench_pypi_test(env: dict, target, requirement: str) -> dict:
                            forward_agent=False, multiplex=False)
     collect = guest.ssh_argv(target, ["sh", "-c", "cd /root/pypi && PYTHONDONTWRITEBYTECODE=1 "
                                       + shlex.join(command + ["--collect-only"])], forward_agent=False, multiplex=False)
+    timed([INV, "test", "--", "true"], env, cwd=project)  # the project's setup, if any, runs here: not timed
     tool = timed([INV, "test", "--", *command], env, cwd=project, check=False)
     tool_collect = timed([INV, "test", "--", *command, "--collect-only"], env, cwd=project, check=False)
     ssh = timed(plain, env, check=False)
