@@ -27,6 +27,7 @@ class BootOptions:
     fresh: bool = False
     ssh_port: int | None = None
     network: str = ""
+    mount_type: str = ""  # virtiofs | sshfs; "" = the configured one (vm.mount_type, virtiofs)
 
 
 def default_boot_options() -> BootOptions:
@@ -45,6 +46,7 @@ class DevStatus:
     uptime: timedelta = timedelta(0)
     name: str = DEFAULT_NAME
     network: str = ""  # open | restricted while it runs, "" when stopped
+    mount_type: str = ""  # virtiofs | sshfs while it runs, "" when stopped
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -33,6 +33,7 @@ class VMSummary:
     name: str
     status: str  # running | starting | stopped | unknown (unreadable record)
     network: str
+    mount_type: str  # virtiofs | sshfs (of its last boot; "" when it never booted)
     ssh_port: Optional[int]
     memory: int
     cpus: int
@@ -75,6 +76,8 @@ def summary(name: str) -> VMSummary:
         name=name,
         status=status,
         network=str(getattr(record, "network", "") or last.get("network") or NETWORK_OPEN),
+        mount_type=str(getattr(record, "mount_type", "") if record else last.get("mount_type") or
+                       ("sshfs" if last else "")),
         ssh_port=int(record.ssh_port) if record else None,
         memory=int(record.memory if record else last.get("memory") or 0),
         cpus=int(record.cpus if record else last.get("cpus") or 0),
