@@ -44,16 +44,16 @@ def shell(vm: VM, opts: ShellOptions) -> int:
     tty = None if opts.command else guest.stdin_interactive()
     argv = guest.ssh_argv(where, opts.command, forward_agent=opts.forward_agent, tty=tty, cwd=GUEST_APP_DIR)
     try:
-        with stop_as_interrupt(), guest.session(where) as conn, _shell_mount(conn, root):
+        with stop_as_interrupt(), guest.session(where) as conn, _shell_mount(vm, conn, root):
             return guest.run_foreground(argv, terminate_grace=5.0)
     except KeyboardInterrupt:
         return INTERRUPTED
 
 
 @contextlib.contextmanager
-def _shell_mount(conn, root: Path):
+def _shell_mount(vm: VM, conn, root: Path):
     """The project at /app for a shell; a mount that fails says how to get a shell anyway."""
-    mount = guest.Mount(conn, root, GUEST_APP_DIR)
+    mount = project_mount(vm, conn, root)
     try:
         mount.start()
     except GuestError as exc:
@@ -62,6 +62,15 @@ def _shell_mount(conn, root: Path):
         yield mount
     finally:
         mount.stop()
+
+
+def project_mount(vm: VM, conn, root: Path) -> guest.ProjectMount:
+    """The project at ``/app`` the way the VM was booted for (``vm.mount_type``): virtiofs,
+    hot-plugged for this command, or sshfs (:func:`guest.open_mount`)."""
+    mount_type = vm.mount_type() or "sshfs"
+    qmp_socket = vm.qmp_socket() if mount_type == "virtiofs" else ""
+    return guest.open_mount(conn, root, GUEST_APP_DIR, mount_type=mount_type, qmp_socket=qmp_socket,
+                            runtime_dir=vm.dir.path, note=vm.echo)
 
 
 def shell_project(opts: ShellOptions) -> Path | None:
@@ -105,7 +114,7 @@ def test(vm: VM, project_dir: Path | str, opts: TestOptions) -> int:
     where = vm.target()
     vm.echo(f"Running tests: {command}")
     try:
-        with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR):
+        with stop_as_interrupt(), guest.session(where) as conn, project_mount(vm, conn, root):
             command, code = _prepare(vm, conn, root, plan, command, fallback, opts.setup)
             if code:
                 return code
@@ -165,7 +174,7 @@ def serve(vm: VM, project_dir: Path | str, opts: ServeOptions) -> int:
     try:
         vm.ensure_running()
         where = vm.target()
-        with stop_as_interrupt(), guest.session(where) as conn, guest.Mount(conn, root, GUEST_APP_DIR), \
+        with stop_as_interrupt(), guest.session(where) as conn, project_mount(vm, conn, root), \
                 guest.Forward(conn, port, sock=listener):
             listener = None  # the Forward owns it now
             command, code = _prepare(vm, conn, root, plan, command, fallback)

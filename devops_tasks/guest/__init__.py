@@ -13,6 +13,8 @@ One concern a module; every public name is re-exported here, so callers write ``
 * :mod:`.sftp_server`: the host's ``sftp-server`` and the bubblewrap sandbox that confines it to
   the project.
 * :mod:`.mount`: :class:`Mount`, a host folder in the guest (reverse SSHFS).
+* :mod:`.virtiofs`: :class:`VirtiofsMount`, the project over virtiofs, hot-plugged per command.
+* :mod:`.mounts`: :func:`open_mount`, the one factory that picks virtiofs or sshfs.
 * :mod:`.forward`: :class:`Forward`, 127.0.0.1:PORT on the host to a port in the guest.
 
 A test that replaces a module-level name must patch the module that looks it up (e.g.
@@ -34,6 +36,8 @@ from .commands import (
 from .connection import CONNECT_TIMEOUT, GUEST_USER, LOOPBACK, Target, agent_socket, check_target, connect, session
 from .forward import Forward, bind_local
 from .mount import GUEST_APP_DIR, MOUNT_TIMEOUT, SSHFS_OPTIONS, Mount, fsname_for, mount_script, unmount_script
+from .mounts import ProjectMount, open_mount
+from .virtiofs import VirtiofsMount, VirtiofsUnavailable, find_virtiofsd, seccomp_program
 from .openssh import (CONTROL_PERSIST, close_master, config_block, config_value, control_path, run_foreground,
                       ssh_argv, ssh_options)
 from .sftp_server import (
@@ -48,6 +52,12 @@ from .sftp_server import (
 from .transfer import CopyResult, CopySpec, copy_from_guest, copy_to_guest, parse_copy
 
 __all__ = [
+    "ProjectMount",
+    "VirtiofsMount",
+    "VirtiofsUnavailable",
+    "find_virtiofsd",
+    "open_mount",
+    "seccomp_program",
     "CONFINE_MODES",
     "CONNECT_TIMEOUT",
     "CONTROL_PERSIST",
