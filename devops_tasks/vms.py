@@ -33,7 +33,6 @@ class VMSummary:
     name: str
     status: str  # running | starting | stopped | unknown (unreadable record)
     network: str
-    mount_type: str  # virtiofs | sshfs (of its last boot; "" when it never booted)
     ssh_port: Optional[int]
     memory: int
     cpus: int
@@ -41,6 +40,7 @@ class VMSummary:
     disk_size: int
     image_version: str
     uptime: int  # seconds; 0 unless running
+    mount_type: str = ""  # virtiofs | sshfs (its record's, else its last boot's; "" when it never booted)
 
     def to_dict(self) -> dict:
         return asdict(self)

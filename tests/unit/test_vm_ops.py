@@ -207,8 +207,8 @@ def test_list_every_folder_running_stopped_and_never_booted(isolated_core_home, 
     assert found["fresh"] == vms.VMSummary("fresh", "stopped", "open", None, 0, 0, 0, 0, "", 0)
     rows = vm_tasks.table(vm_tasks.list_rows([found["down"], found["up"]]))
     assert rows[0].split() == list(vm_tasks.LIST_COLUMNS)
-    assert rows[1].split()[:6] == ["down", "stopped", "open", "-", "512MB", "1"]
-    assert rows[2].split()[:6] == ["up", "running", "open", "40100", "768MB", "3"]
+    assert rows[1].split()[:7] == ["down", "stopped", "open", "sshfs", "-", "512MB", "1"]
+    assert rows[2].split()[:7] == ["up", "running", "open", "sshfs", "40100", "768MB", "3"]
     assert set(found["up"].to_dict()) == {"name", "status", "network", "ssh_port", "memory", "cpus",
                                           "disk_used", "disk_size", "image_version", "uptime"}
 
