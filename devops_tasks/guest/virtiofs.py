@@ -398,6 +398,7 @@ class VirtiofsMount:
         from ..machine.process import qmp
 
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_chardevs(self.qmp_socket, self.runtime_dir)
         sock = self.runtime_dir / f"vfs-{self.token}.sock"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
@@ -469,11 +470,7 @@ class VirtiofsMount:
             if plug.device:
                 with contextlib.suppress(Exception):
                     qmp(self.qmp_socket, "device_del", {"id": plug.device})
-                    deadline = time.monotonic() + UNPLUG_TIMEOUT
-                    while time.monotonic() < deadline and _plugged(self.qmp_socket, plug.device):
-                        time.sleep(0.02)
-            with contextlib.suppress(Exception):
-                qmp(self.qmp_socket, "chardev-remove", {"id": plug.chardev})
+            _remove_chardev(self.qmp_socket, plug.chardev, time.monotonic() + UNPLUG_TIMEOUT)
             with contextlib.suppress(OSError):
                 plug.socket.unlink()
         if chan is not None:
@@ -535,7 +532,34 @@ class VirtiofsMount:
                     self._daemon_errors.append(line)
 
 
-def _plugged(qmp_socket: str, device: str) -> bool:
+def _remove_chardev(qmp_socket: str, chardev: str, deadline: float) -> bool:
+    """``chardev-remove``, retried while the unplugged device still holds it (the guest's eject
+    takes a moment); False when it is still there at ``deadline`` (a later command sweeps it)."""
     from ..machine.process import qmp
 
-    return any(item.get("name") == device for item in qmp(qmp_socket, "qom-list", {"path": "/machine/peripheral"}))
+    while True:
+        try:
+            qmp(qmp_socket, "chardev-remove", {"id": chardev})
+            return True
+        except Exception as exc:
+            if "not found" in str(exc) or time.monotonic() >= deadline:
+                return "not found" in str(exc)
+        time.sleep(0.02)
+
+
+def sweep_stale_chardevs(qmp_socket: str, runtime_dir: Path) -> list[str]:
+    """Remove the chardevs of earlier shares whose device is gone (their command could not wait
+    for the guest's eject) and whose socket its command removed (a command between its
+    chardev-add and device_add still has its socket); -> their ids."""
+    from ..machine.process import qmp
+
+    removed = []
+    with contextlib.suppress(Exception):
+        for item in qmp(qmp_socket, "query-chardev"):
+            label = item.get("label", "")
+            if (label.startswith("vfsc-") and not item.get("frontend-open", True)
+                    and not (runtime_dir / f"vfs-{label[len('vfsc-'):]}.sock").exists()):
+                with contextlib.suppress(Exception):
+                    qmp(qmp_socket, "chardev-remove", {"id": label})
+                    removed.append(label)
+    return removed
