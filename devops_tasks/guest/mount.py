@@ -39,6 +39,7 @@ MOUNT_TIMEOUT = 30.0
 SSHFS_OPTIONS = ("dcache_timeout=1", "allow_other")
 
 _MARK = "devops-tasks:"
+VIRTIOFS_HOLDERS = "/run/devops-tasks/virtiofs"  # see .virtiofs.HOLDERS_DIR
 
 
 def fsname_for(host_dir: Path) -> str:
@@ -90,13 +91,15 @@ D={d}; F={shlex.quote(source)}; P={shlex.quote(fsname + ":")}; T={shlex.quote(to
 U={USERS_DIR}
 say() {{ echo "{_MARK} $*" >&2; }}
 top() {{ awk -v d="$D" '$2 == d {{ s = $1 " " $3 }} END {{ print s }}' /proc/mounts; }}
-# statfs always asks the file system's process (a stat may be answered from the kernel's cache)
-live() {{ stat -f "$D" >/dev/null 2>&1; }}
+# statfs always asks the file system's process (a stat may be answered from the kernel's cache);
+# a virtiofs share is live while its owner's holder runs (a statfs of a dead one would hang)
+live() {{ if [ "$2" = virtiofs ]; then pid=; read -r pid <"{VIRTIOFS_HOLDERS}/$1" 2>/dev/null && [ -n "$pid" ] \
+  && kill -0 "$pid" 2>/dev/null; else stat -f "$D" >/dev/null 2>&1; fi; }}
 tries=0
 while :; do
   set -- $(top)
   [ -n "$1" ] || break
-  if live; then
+  if live "$1" "$2"; then
     case "$1" in "$P"*) ;; *) say "busy $1 $2"; exit 3;; esac
     case "$1" in "$P"guarded:*) kind=guarded;; "$P"confined:*) kind=confined;; *) kind=unconfined;; esac
     [ "$NEED" != any ] && [ "$kind" = unconfined ] && {{ say "unconfined $1"; exit 9; }}
@@ -104,7 +107,7 @@ while :; do
     o="$U/${{1##*:}}"; was=$1
     # Registered, then checked again: an owner that is unmounting marks itself closing first.
     if [ ! -e "$o/closing" ] && mkdir -p "$o" && echo $$ >"$o/$T" && [ ! -e "$o/closing" ] \\
-        && set -- $(top) && [ "$1" = "$was" ] && live; then
+        && set -- $(top) && [ "$1" = "$was" ] && live "$1" "$2"; then
       say "reuse $kind"
       cat >/dev/null
       rm -f "$o/$T"
@@ -115,6 +118,9 @@ while :; do
     sleep 0.02
     continue
   fi
+  # dead virtiofs (its command was killed): it cannot be unmounted (the kernel would wait for its
+  # server forever), so the new mount goes on top of it
+  [ "$2" = virtiofs ] && {{ say "stale $1"; break; }}
   # dead: its sshfs is gone (or going: it unmounts itself then, and this umount may find nothing)
   if umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null; then
     rm -rf "$U/${{1##*:}}"
@@ -128,7 +134,8 @@ s=$(command -v sshfs 2>/dev/null)
 [ -n "$s" ] && [ -f "$s" ] && [ -x "$s" ] || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
 [ -c /dev/fuse ] || modprobe fuse 2>/dev/null
 [ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
-mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+awk -v d="$D" '$2 == d {{ f = 1 }} END {{ exit !f }}' /proc/mounts || mkdir -p "$D" \
+  || {{ say "error: cannot create $D in the guest"; exit 6; }}
 o={shlex.quote(opts)}
 grep -qs no_contain_symlinks "$s" && o="$o,no_contain_symlinks"
 say serve

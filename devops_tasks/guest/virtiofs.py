@@ -236,6 +236,9 @@ while :; do
     sleep 0.02
     continue
   fi
+  # A dead virtiofs share (its command was killed: virtiofsd died with it) cannot be unmounted:
+  # the kernel would wait for its server forever. The new share goes on top of it.
+  [ "$2" = virtiofs ] && {{ say "stale $1"; break; }}
   if umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null; then
     rm -rf "$U/${{1##*-}}" "$H/$1"
     say "stale $1"
@@ -246,7 +249,9 @@ while :; do
 done
 grep -qw virtiofs /proc/filesystems || modprobe virtiofs 2>/dev/null
 grep -qw virtiofs /proc/filesystems || {{ say nomodule; exit 4; }}
-mkdir -p "$D" "$H" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+mkdir -p "$H" || {{ say "error: cannot create $H in the guest"; exit 6; }}
+# (a stat of a dead share hangs: only a folder that is no mount point is made)
+awk -v d="$D" '$2 == d {{ f = 1 }} END {{ exit !f }}' /proc/mounts || mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
 say ready
 read -r tag || exit 0
 case "$tag" in "$P"*) ;; *) say "error: bad tag"; exit 12;; esac
