@@ -219,7 +219,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
             disk.reset(vm)
             if old is not None:
                 hostkeys.forget_host(old.ssh_port)
-        machine.echo(f"Config: {opts.memory}MB, {opts.cpus} CPUs, project mount: {mount_type}")
+        machine.echo(f"Config: {opts.memory}MB, {opts.cpus} CPUs")
         if network == "restricted":
             machine.echo("Network: restricted (no way out but the host proxy of inv claude)")
         machine.echo("Booting dev environment...")
