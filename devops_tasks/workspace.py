@@ -69,8 +69,10 @@ def project_mount(vm: VM, conn, root: Path) -> guest.ProjectMount:
     hot-plugged for this command, or sshfs (:func:`guest.open_mount`)."""
     mount_type = vm.mount_type() or "sshfs"
     qmp_socket = vm.qmp_socket() if mount_type == "virtiofs" else ""
+    # virtiofsd's socket goes beside QMP's (a folder whose path fits a unix socket's)
+    runtime_dir = Path(qmp_socket).parent if qmp_socket else None
     return guest.open_mount(conn, root, GUEST_APP_DIR, mount_type=mount_type, qmp_socket=qmp_socket,
-                            runtime_dir=vm.dir.path, note=vm.echo)
+                            runtime_dir=runtime_dir, note=vm.echo)
 
 
 def shell_project(opts: ShellOptions) -> Path | None:

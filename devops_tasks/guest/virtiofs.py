@@ -404,7 +404,7 @@ class VirtiofsMount:
 
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_chardevs(self.qmp_socket, self.runtime_dir)
-        sock = self.runtime_dir / f"vfs-{self.token}.sock"
+        sock = self.runtime_dir / f"vfs{self.token}"  # 3 bytes longer than qmp.sock: fits where it does
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         command = virtiofsd_command(self.host_dir, sock, virtiofsd, bwrap)
@@ -563,7 +563,7 @@ def sweep_stale_chardevs(qmp_socket: str, runtime_dir: Path) -> list[str]:
         for item in qmp(qmp_socket, "query-chardev"):
             label = item.get("label", "")
             if (label.startswith("vfsc-") and not item.get("frontend-open", True)
-                    and not (runtime_dir / f"vfs-{label[len('vfsc-'):]}.sock").exists()):
+                    and not (runtime_dir / f"vfs{label[len('vfsc-'):]}").exists()):
                 with contextlib.suppress(Exception):
                     qmp(qmp_socket, "chardev-remove", {"id": label})
                     removed.append(label)
