@@ -244,3 +244,25 @@ def test_the_share_is_gone_after_the_command_even_for_a_process_that_kept_a_fd_o
         time.sleep(0.5)
     assert "HOST SECRET" not in text and "kept but never read" not in text, text
     assert vm.guest("awk '$2 == \"/app\"' /proc/mounts").stdout.strip() == ""
+
+
+def test_a_second_command_reuses_the_share_of_its_project_and_another_project_is_busy(vm, project, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(EXAMPLE, other)
+    holder = subprocess.Popen([DEVOPS, "shell", "--project", str(project), "--", "sh", "-c",
+                               "touch /app/holding; while [ ! -e /app/release ]; do sleep 0.1; done"],
+                              cwd=REPO, env=vm.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (project / "holding").exists(), 120, "the first command's mount")
+        again = vm.run(INV, "test", cwd=project)
+        assert again.returncode == 0 and "4 passed" in again.stdout, again.stdout + again.stderr
+        busy = vm.run(INV, "test", cwd=other)
+        assert busy.returncode != 0
+        assert "already holds a live mount of another folder" in busy.stderr + busy.stdout
+        assert len([p for p in virtiofsd_processes() if "bwrap" in p]) == 1  # busy and reuse start none
+    finally:
+        (project / "release").write_text("")
+        out, err = holder.communicate(timeout=120)
+    assert holder.returncode == 0, err
+    assert_share_gone(vm)
