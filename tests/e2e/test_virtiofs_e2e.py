@@ -64,7 +64,7 @@ class Machine:
 
 
 def virtiofsd_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eww", "-o", "stat=,args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "virtiofsd" in line and not line.startswith("Z")]
 
 
