@@ -193,6 +193,10 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
     network = check_network_mode(opts.network or machine.config.vm.network, "--network")
     mount_type = check_mount_type(opts.mount_type or machine.config.vm.mount_type,
                                   "--mount-type" if opts.mount_type else "vm.mount_type")
+    if mount_type == "virtiofs" and sys.platform != "linux":  # memfd and virtiofsd are Linux's
+        machine.echo("Note: virtiofs needs a Linux host (shared memfd RAM, virtiofsd): this VM mounts "
+                     "projects over sshfs")
+        mount_type = "sshfs"
     vm = VMDir(name)
     image = paths.image_path()
     info = Manifest.load().get(paths.image_name())
