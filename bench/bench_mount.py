@@ -108,7 +108,7 @@ def main() -> int:
             guest.copy_to_guest(conn, project, "/root/local")
             print(f"copied the project into the guest in {time.perf_counter() - t:.1f} s", file=sys.stderr)
             results["local"] = workloads(run, "/root/local", args.mib, args.runs)
-            with VirtiofsMount(conn, project, d.vm.qmp_socket(), d.vm.dir.path, "/app"):
+            with VirtiofsMount(conn, project, d.vm.qmp, Path(d.vm.qmp_socket()).parent, "/app"):
                 results["virtiofs"] = workloads(run, "/app", args.mib, args.runs)
             with guest.Mount(conn, project, "/app"):
                 results["sshfs"] = workloads(run, "/app", args.mib, args.runs)

@@ -94,6 +94,10 @@ class VM:
             raise NotRunningError(NOT_RUNNING)
         return record.qmp_socket
 
+    def qmp(self, command: str, arguments: Optional[dict] = None, timeout: float = 2.0):
+        """Run one QMP command on the running VM (virtiofs hot-plugs its share with it)."""
+        return process.qmp(self.qmp_socket(), command, arguments, timeout)
+
     def network(self) -> str:
         """The running VM's network mode (``open`` or ``restricted``); "" when it is not running."""
         record = live_record(self.name)

@@ -71,7 +71,7 @@ def project_mount(vm: VM, conn, root: Path) -> guest.ProjectMount:
     qmp_socket = vm.qmp_socket() if mount_type == "virtiofs" else ""
     # virtiofsd's socket goes beside QMP's (a folder whose path fits a unix socket's)
     runtime_dir = Path(qmp_socket).parent if qmp_socket else None
-    return guest.open_mount(conn, root, GUEST_APP_DIR, mount_type=mount_type, qmp_socket=qmp_socket,
+    return guest.open_mount(conn, root, GUEST_APP_DIR, mount_type=mount_type, qmp=vm.qmp if qmp_socket else None,
                             runtime_dir=runtime_dir, note=vm.echo)
 
 

@@ -24,13 +24,13 @@ class ProjectMount:
     :meth:`start`, ``mount_type`` says which one serves it (``virtiofs`` or ``sshfs``)."""
 
     def __init__(self, conn, host_dir: os.PathLike | str, guest_dir: str = GUEST_APP_DIR,
-                 mount_type: str = "sshfs", qmp_socket: str = "", runtime_dir: Optional[os.PathLike | str] = None,
+                 mount_type: str = "sshfs", qmp=None, runtime_dir: Optional[os.PathLike | str] = None,
                  read_only: Sequence[str] = (), confine: Optional[str] = None, note=None):
         self.conn = conn
         self.host_dir = host_dir
         self.guest_dir = guest_dir
         self.wanted = mount_type
-        self.qmp_socket = qmp_socket
+        self.qmp = qmp
         self.runtime_dir = runtime_dir
         self.read_only = tuple(read_only)
         self.confine = confine
@@ -50,8 +50,8 @@ class ProjectMount:
         return bool(self.inner is not None and self.inner.reused)
 
     def start(self) -> None:
-        if self.wanted == "virtiofs" and not self.read_only and self.qmp_socket and self.runtime_dir:
-            inner = VirtiofsMount(self.conn, self.host_dir, self.qmp_socket, self.runtime_dir, self.guest_dir)
+        if self.wanted == "virtiofs" and not self.read_only and self.qmp is not None and self.runtime_dir:
+            inner = VirtiofsMount(self.conn, self.host_dir, self.qmp, self.runtime_dir, self.guest_dir)
             try:
                 inner.start()
             except VirtiofsUnavailable as exc:
@@ -70,7 +70,8 @@ class ProjectMount:
 
 
 def open_mount(conn, host_dir: os.PathLike | str, guest_dir: str = GUEST_APP_DIR, *, mount_type: str = "sshfs",
-               qmp_socket: str = "", runtime_dir: Optional[os.PathLike | str] = None,
+               qmp=None, runtime_dir: Optional[os.PathLike | str] = None,
                read_only: Sequence[str] = (), confine: Optional[str] = None, note=None) -> ProjectMount:
-    """The project mount for a VM whose recorded mount type is ``mount_type`` (see the module)."""
-    return ProjectMount(conn, host_dir, guest_dir, mount_type, qmp_socket, runtime_dir, read_only, confine, note)
+    """The project mount for a VM whose recorded mount type is ``mount_type`` (see the module);
+    ``qmp(command, arguments, timeout)`` runs a QMP command on that VM (virtiofs hot-plugs with it)."""
+    return ProjectMount(conn, host_dir, guest_dir, mount_type, qmp, runtime_dir, read_only, confine, note)

@@ -52,6 +52,7 @@ VIRTIOFSD_CANDIDATES = (
     "/usr/lib/virtiofsd",
 )
 MOUNT_TIMEOUT = 30.0
+Qmp = Callable[..., object]  # qmp(command, arguments=None, timeout=2.0) -> the command's return value
 UNPLUG_TIMEOUT = 5.0
 USERS_DIR = "/run/devops-tasks/mount-users"  # shared with the sshfs mount: <owner>/<user> holds a PID
 HOLDERS_DIR = "/run/devops-tasks/virtiofs"  # in the guest: <tag> holds the owner's PID
@@ -301,19 +302,20 @@ class VirtiofsMount:
     """The project at ``guest_dir`` over virtiofs for the ``with`` block (same interface as
     :class:`~.mount.Mount`: ``start``/``stop``, a context manager, ``reused``, ``confined``).
 
-    ``qmp_socket``: the VM's QMP socket; ``runtime_dir``: a private host folder (the VM's) for
-    virtiofsd's socket. :class:`VirtiofsUnavailable` from :meth:`start` means nothing was plugged.
+    ``qmp``: runs one QMP command on the VM (``qmp(command, arguments, timeout)`` -> its return
+    value; the caller's: this package knows no QEMU); ``runtime_dir``: a private host folder (the
+    VM's) for virtiofsd's socket. :class:`VirtiofsUnavailable` from :meth:`start` means nothing was plugged.
     Start and stop it in one thread (virtiofsd dies with the thread that started it).
     """
 
     mount_type = "virtiofs"
 
-    def __init__(self, conn: "Connection", host_dir: os.PathLike | str, qmp_socket: os.PathLike | str,
+    def __init__(self, conn: "Connection", host_dir: os.PathLike | str, qmp: "Qmp",
                  runtime_dir: os.PathLike | str, guest_dir: str = "/app", timeout: float = MOUNT_TIMEOUT,
                  virtiofsd: Optional[str] = None):
         self.conn = conn
         self.requested = host_dir
-        self.qmp_socket = str(qmp_socket)
+        self.qmp = qmp
         self.runtime_dir = Path(runtime_dir)
         self.guest_dir = guest_dir
         self.timeout = timeout
@@ -400,10 +402,9 @@ class VirtiofsMount:
 
     def _plug_in(self, virtiofsd: str, bwrap: str, deadline: float) -> None:
         """Start virtiofsd, wait for its socket, then chardev-add + device_add."""
-        from ..machine.process import qmp
-
+        qmp = self.qmp
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
-        sweep_stale_chardevs(self.qmp_socket, self.runtime_dir)
+        sweep_stale_chardevs(qmp, self.runtime_dir)
         sock = self.runtime_dir / f"vfs{self.token}"  # 3 bytes longer than qmp.sock: fits where it does
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
@@ -423,10 +424,10 @@ class VirtiofsMount:
                 raise GuestError("virtiofsd did not create its socket in time" + self._why())
             time.sleep(0.01)
         plug = _Plug(chardev=f"vfsc-{self.token}", device=f"vfsd-{self.token}", socket=sock)
-        qmp(self.qmp_socket, "chardev-add", chardev_add_args(plug.chardev, sock))
+        qmp("chardev-add", chardev_add_args(plug.chardev, sock))
         self._plug = plug
         try:
-            qmp(self.qmp_socket, "device_add", device_add_args(plug.device, plug.chardev, self.tag), timeout=10)
+            qmp("device_add", device_add_args(plug.device, plug.chardev, self.tag), 10.0)
         except Exception:
             self._plug = _Plug(chardev=plug.chardev, device="", socket=sock)
             raise
@@ -462,8 +463,6 @@ class VirtiofsMount:
 
     def _teardown(self) -> None:
         """Kill virtiofsd first (the share ends whatever the guest does), then unplug."""
-        from ..machine.process import qmp
-
         chan, self._chan = self._chan, None
         proc, self._proc = self._proc, None
         plug, self._plug = self._plug, None
@@ -474,8 +473,8 @@ class VirtiofsMount:
         if plug is not None:
             if plug.device:
                 with contextlib.suppress(Exception):
-                    qmp(self.qmp_socket, "device_del", {"id": plug.device})
-            _remove_chardev(self.qmp_socket, plug.chardev, time.monotonic() + UNPLUG_TIMEOUT)
+                    self.qmp("device_del", {"id": plug.device})
+            _remove_chardev(self.qmp, plug.chardev, time.monotonic() + UNPLUG_TIMEOUT)
             with contextlib.suppress(OSError):
                 plug.socket.unlink()
         if chan is not None:
@@ -537,14 +536,12 @@ class VirtiofsMount:
                     self._daemon_errors.append(line)
 
 
-def _remove_chardev(qmp_socket: str, chardev: str, deadline: float) -> bool:
+def _remove_chardev(qmp: "Qmp", chardev: str, deadline: float) -> bool:
     """``chardev-remove``, retried while the unplugged device still holds it (the guest's eject
     takes a moment); False when it is still there at ``deadline`` (a later command sweeps it)."""
-    from ..machine.process import qmp
-
     while True:
         try:
-            qmp(qmp_socket, "chardev-remove", {"id": chardev})
+            qmp("chardev-remove", {"id": chardev})
             return True
         except Exception as exc:
             if "not found" in str(exc) or time.monotonic() >= deadline:
@@ -552,19 +549,17 @@ def _remove_chardev(qmp_socket: str, chardev: str, deadline: float) -> bool:
         time.sleep(0.02)
 
 
-def sweep_stale_chardevs(qmp_socket: str, runtime_dir: Path) -> list[str]:
+def sweep_stale_chardevs(qmp: "Qmp", runtime_dir: Path) -> list[str]:
     """Remove the chardevs of earlier shares whose device is gone (their command could not wait
     for the guest's eject) and whose socket its command removed (a command between its
     chardev-add and device_add still has its socket); -> their ids."""
-    from ..machine.process import qmp
-
     removed = []
     with contextlib.suppress(Exception):
-        for item in qmp(qmp_socket, "query-chardev"):
+        for item in qmp("query-chardev"):
             label = item.get("label", "")
             if (label.startswith("vfsc-") and not item.get("frontend-open", True)
                     and not (runtime_dir / f"vfs{label[len('vfsc-'):]}").exists()):
                 with contextlib.suppress(Exception):
-                    qmp(qmp_socket, "chardev-remove", {"id": label})
+                    qmp("chardev-remove", {"id": label})
                     removed.append(label)
     return removed

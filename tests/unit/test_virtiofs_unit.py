@@ -239,12 +239,12 @@ def fakes(monkeypatch):
 
 def test_open_mount_picks_by_the_vms_mount_type(fakes, tmp_path):
     notes = []
-    with mounts.open_mount(None, tmp_path, mount_type="virtiofs", qmp_socket="/q", runtime_dir=tmp_path,
+    with mounts.open_mount(None, tmp_path, mount_type="virtiofs", qmp=print, runtime_dir=tmp_path,
                            note=notes.append) as m:
         assert m.mount_type == "virtiofs"
-    with mounts.open_mount(None, tmp_path, mount_type="sshfs", qmp_socket="/q", runtime_dir=tmp_path) as m:
+    with mounts.open_mount(None, tmp_path, mount_type="sshfs", qmp=print, runtime_dir=tmp_path) as m:
         assert m.mount_type == "sshfs"
-    with mounts.open_mount(None, tmp_path, mount_type="virtiofs", qmp_socket="/q", runtime_dir=tmp_path,
+    with mounts.open_mount(None, tmp_path, mount_type="virtiofs", qmp=print, runtime_dir=tmp_path,
                            read_only=(".git",), note=notes.append) as m:
         assert m.mount_type == "sshfs"  # per-path read-only: sshfs only
     assert fakes == [("FakeVirtiofs", ()), ("FakeMount", ()), ("FakeMount", (".git",))]
@@ -254,7 +254,7 @@ def test_open_mount_picks_by_the_vms_mount_type(fakes, tmp_path):
 def test_open_mount_falls_back_to_sshfs_with_a_note(fakes, tmp_path):
     FakeVirtiofs.fail = "the guest image has no virtiofs kernel module"
     notes = []
-    with mounts.open_mount(None, tmp_path, mount_type="virtiofs", qmp_socket="/q", runtime_dir=tmp_path,
+    with mounts.open_mount(None, tmp_path, mount_type="virtiofs", qmp=print, runtime_dir=tmp_path,
                            note=notes.append) as m:
         assert m.mount_type == "sshfs"
     assert notes == ["Note: mounting the project over sshfs, not virtiofs: the guest image has no virtiofs kernel module"]
@@ -262,7 +262,7 @@ def test_open_mount_falls_back_to_sshfs_with_a_note(fakes, tmp_path):
 
 def test_missing_virtiofsd_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(virtiofs, "find_virtiofsd", lambda: None)
-    mount = virtiofs.VirtiofsMount(None, tmp_path, "/q", tmp_path)
+    mount = virtiofs.VirtiofsMount(None, tmp_path, print, tmp_path)
     with pytest.raises(virtiofs.VirtiofsUnavailable, match="virtiofsd is not installed"):
         mount.start()
     assert issubclass(virtiofs.VirtiofsUnavailable, GuestError)
