@@ -273,7 +273,7 @@ class kept_mounts:
 
     def __exit__(self, *exc):
         from devops_tasks.devops import DevOps
-        from devops_tasks.guest import keeper
+        from devops_tasks import mount_keeper as keeper
 
         self.config.write_text(self.saved)
         keeper.stop_all(DevOps().vm.dir.path)

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "accel": "",
         "boot_timeout": 120,
         "network": "open",
+        "mount_type": "virtiofs",
         "trust_host_ca": True,
         "ca_bundle": "",
         "mount_idle_timeout": 0,
@@ -96,6 +97,7 @@ class VMConfig:
     accel: str = DEFAULTS["vm"]["accel"]
     boot_timeout: float = DEFAULTS["vm"]["boot_timeout"]
     network: str = DEFAULTS["vm"]["network"]  # open | restricted
+    mount_type: str = DEFAULTS["vm"]["mount_type"]  # virtiofs | sshfs: how /app reaches the project
     # hand the guest the CA certificates the host trusts beyond the public ones (see handoff.py)
     trust_host_ca: bool = DEFAULTS["vm"]["trust_host_ca"]
     ca_bundle: str = DEFAULTS["vm"]["ca_bundle"]  # "" = the host's system bundle
@@ -112,6 +114,7 @@ class VMConfig:
         if self.boot_timeout <= 0:
             raise ConfigError(f"{origin}: vm.boot_timeout: must be positive, not {self.boot_timeout}")
         check_network_mode(self.network, f"{origin}: vm.network")
+        check_mount_type(self.mount_type, f"{origin}: vm.mount_type")
         if not 0 <= self.mount_idle_timeout <= 86400:
             raise ConfigError(f"{origin}: vm.mount_idle_timeout: {self.mount_idle_timeout:g} is not a number of "
                               "seconds from 0 (the mount ends with the command) to 86400")
@@ -122,6 +125,20 @@ def check_network_mode(mode: str, where: str) -> str:
     if mode not in NETWORK_MODES:
         raise ConfigError(f"{where}: unknown network mode {mode!r} (valid: {', '.join(NETWORK_MODES)})")
     return mode
+
+
+MOUNT_TYPES = ("virtiofs", "sshfs")
+_NO_9P = ("the images' kernel (linux-image-cloud-amd64) is built without 9p (CONFIG_9P_FS unset); "
+          "use virtiofs or sshfs")
+
+
+def check_mount_type(mount_type: str, where: str) -> str:
+    """``virtiofs`` or ``sshfs``; anything else (``9p`` included) is a one-line error naming ``where``."""
+    if mount_type == "9p":
+        raise ConfigError(f"{where}: mount type '9p' is not available: {_NO_9P}")
+    if mount_type not in MOUNT_TYPES:
+        raise ConfigError(f"{where}: unknown mount type {mount_type!r} (valid: {', '.join(MOUNT_TYPES)})")
+    return mount_type
 
 
 @dataclass
@@ -201,6 +218,7 @@ class Config:
                     accel=str(vm["accel"] or ""),
                     boot_timeout=float(vm["boot_timeout"]),
                     network=str(vm["network"] or "").strip().lower(),
+                    mount_type=str(vm["mount_type"] or "").strip().lower(),
                     trust_host_ca=_bool(vm["trust_host_ca"], f"{origin}: vm.trust_host_ca"),
                     ca_bundle=str(vm["ca_bundle"] or ""),
                     mount_idle_timeout=float(vm["mount_idle_timeout"] or 0),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import guest, paths
-from .config import Config, check_network_mode, default_config, env_float
+from .config import Config, check_mount_type, check_network_mode, default_config, env_float
 from .errors import DevopsError, NotRunningError, VMError
 from .fsutil import atomic_write_text, file_lock
 from .machine.qemu import (MachineSpec, aarch64_firmware, accel_override, build_argv, detect_accel,
@@ -82,6 +82,24 @@ class VM:
             self.boot(BootOptions(memory=self.config.vm.memory, cpus=self.config.vm.cpus, name=self.name,
                                   network=network))
 
+    def mount_type(self) -> str:
+        """How the running VM mounts projects (``virtiofs`` or ``sshfs``); "" when it is not running."""
+        record = live_record(self.name)
+        return (record.mount_type or "sshfs") if record is not None else ""
+
+    def qmp_socket(self) -> str:
+        """The running VM's QMP socket; :class:`NotRunningError` when it is not running."""
+        record = live_record(self.name)
+        if record is None:
+            raise NotRunningError(NOT_RUNNING)
+        return record.qmp_socket
+
+    def qmp(self, command: str, arguments: Optional[dict] = None, timeout: float = 2.0):
+        """Run one QMP command on the running VM (virtiofs hot-plugs its share with it)."""
+        from .machine import process
+
+        return process.qmp(self.qmp_socket(), command, arguments, timeout)
+
     def network(self) -> str:
         """The running VM's network mode (``open`` or ``restricted``); "" when it is not running."""
         record = live_record(self.name)
@@ -133,6 +151,7 @@ def remember_boot(vm: VMDir, record: VMRecord, image_version: str) -> None:
     write the VM's ssh_config for ``ssh -F`` and ``Include``."""
     data = {"memory": record.memory, "cpus": record.cpus, "ssh_port": record.ssh_port,
             "network": getattr(record, "network", "") or NETWORK_OPEN, "image_version": image_version,
+            "mount_type": getattr(record, "mount_type", "") or "sshfs",
             "booted_at": record.started_at}
     atomic_write_text(vm.last_boot, json.dumps(data, indent=2, sort_keys=True) + "\n", 0o600)
     with contextlib.suppress(DevopsError, OSError):  # a convenience: vm.ssh-config reports its errors
@@ -186,6 +205,12 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
 
     name = machine.name
     network = check_network_mode(opts.network or machine.config.vm.network, "--network")
+    mount_type = check_mount_type(opts.mount_type or machine.config.vm.mount_type,
+                                  "--mount-type" if opts.mount_type else "vm.mount_type")
+    if mount_type == "virtiofs" and sys.platform != "linux":  # memfd and virtiofsd are Linux's
+        machine.echo("Note: virtiofs needs a Linux host (shared memfd RAM, virtiofsd): this VM mounts "
+                     "projects over sshfs")
+        mount_type = "sshfs"
     vm = VMDir(name)
     image = paths.image_path()
     info = Manifest.load().get(paths.image_name())
@@ -225,7 +250,7 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
         record = None
         try:
             record = _start(vm, opts, machine.config.vm.ssh_port, image, binary, arch, accel, contract,
-                            host_key, login_key, network, socat, handed)
+                            host_key, login_key, network, socat, handed, mount_type)
             _wait_ready(machine, vm, record, contract, timeout)
             record.status = "running"
             vm.save(record)
@@ -242,7 +267,8 @@ def boot(machine: VM, opts: BootOptions) -> DevStatus:
 
 def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary: str, arch: str,
            accel: str, contract: bool, host_key: Path, login_key: Path, network: str = "open",
-           socat: str = "", guest_files: tuple[tuple[str, Path], ...] = ()) -> VMRecord:
+           socat: str = "", guest_files: tuple[tuple[str, Path], ...] = (),
+           mount_type: str = "sshfs") -> VMRecord:
     """Choose the port and start QEMU under the ports lock, so two boots never pick the same port."""
     import secrets
 
@@ -261,6 +287,7 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
             network=network, proxy_socket=vm.proxy_socket if network == "restricted" else None,
             socat=socat or "socat",
             guest_files=guest_files,
+            shared_memory=mount_type == "virtiofs",  # virtiofsd maps the guest's RAM
         )
         if contract:
             hostkeys.pin_host_key(port, host_key)
@@ -276,6 +303,7 @@ def _start(vm: VMDir, opts: BootOptions, default_port: int, image: Path, binary:
                 serial_socket=str(vm.serial_socket), serial_log=str(vm.serial_log),
                 guest_contract=int(contract), network=network,
                 proxy_socket=str(vm.proxy_socket) if network == "restricted" else "",
+                mount_type=mount_type,
             )
             vm.save(record)
         except BaseException:
@@ -448,7 +476,7 @@ def stop(machine: VM) -> bool:
         machine.echo("Stopping dev environment...")
         timeouts = process.StopTimeouts(powerdown=env_float("CORE_POWERDOWN_TIMEOUT", 5.0))
         process.stop(record.pid, record.process_start, record.pidfile, record.qmp_socket, timeouts)
-        from .guest import keeper
+        from . import mount_keeper as keeper
 
         keeper.stop_all(vm.path)  # kept mounts (their connection is gone with the VM)
         if locked:
@@ -482,7 +510,7 @@ def status(machine: VM) -> DevStatus:
                          ssh_port=machine.config.vm.ssh_port, name=machine.name)
     st = _status_from(record, installed, version)
     if st.running:
-        from .guest import keeper
+        from . import mount_keeper as keeper
 
         st.mounts = keeper.live_mounts(machine.dir.path)
     return st
@@ -495,7 +523,7 @@ def _status_from(record: VMRecord, installed: bool, version: str) -> DevStatus:
         installed=installed, running=record.status == "running", image_version=version,
         container_id=record.id, memory=record.memory, cpus=record.cpus, ssh_port=record.ssh_port,
         uptime=timedelta(seconds=int(record.uptime_seconds())), name=record.name,
-        network=record.network or "open",
+        network=record.network or "open", mount_type=record.mount_type or "sshfs",
     )
 
 

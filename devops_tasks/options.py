@@ -27,6 +27,7 @@ class BootOptions:
     fresh: bool = False
     ssh_port: int | None = None
     network: str = ""
+    mount_type: str = ""  # virtiofs | sshfs; "" = the configured one (vm.mount_type, virtiofs)
 
 
 def default_boot_options() -> BootOptions:
@@ -45,7 +46,8 @@ class DevStatus:
     uptime: timedelta = timedelta(0)
     name: str = DEFAULT_NAME
     network: str = ""  # open | restricted while it runs, "" when stopped
-    # kept project mounts (vm.mount_idle_timeout): project, leases, idle and ends_in seconds
+    mount_type: str = ""  # virtiofs | sshfs while it runs, "" when stopped
+    # live /app mounts (commands' own and kept ones): project, pid, kept, leases, idle, ends_in
     mounts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class VMSummary:
     disk_size: int
     image_version: str
     uptime: int  # seconds; 0 unless running
+    mount_type: str = ""  # virtiofs | sshfs (its record's, else its last boot's; "" when it never booted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,8 @@ def summary(name: str) -> VMSummary:
         name=name,
         status=status,
         network=str(getattr(record, "network", "") or last.get("network") or NETWORK_OPEN),
+        mount_type=str(getattr(record, "mount_type", "") if record else last.get("mount_type") or
+                       ("sshfs" if last else "")),
         ssh_port=int(record.ssh_port) if record else None,
         memory=int(record.memory if record else last.get("memory") or 0),
         cpus=int(record.cpus if record else last.get("cpus") or 0),

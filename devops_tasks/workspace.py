@@ -51,23 +51,26 @@ def shell(vm: VM, opts: ShellOptions) -> int:
 
 
 def project_mount(vm: VM, conn, root: Path) -> contextlib.AbstractContextManager:
-    """The project at ``/app`` for a command: for the command alone (:class:`guest.Mount` on
-    ``conn``), or with ``vm.mount_idle_timeout`` > 0 a lease on the VM's kept mount of it
-    (:func:`guest.keeper.lease`), which outlives the command by that many idle seconds."""
-    from .guest import keeper
+    """The project at ``/app`` for a command, the way the VM was booted for (``vm.mount_type``:
+    virtiofs hot-plugged for the command, or sshfs; :func:`guest.open_mount`): for the command
+    alone, or with ``vm.mount_idle_timeout`` > 0 a lease on the VM's kept mount of it
+    (:func:`mount_keeper.lease`), which outlives the command by that many idle seconds."""
+    from . import mount_keeper
 
+    how = mount_keeper.MountPlan(mount_type=vm.mount_type() or "sshfs",
+                                 qmp_socket=vm.qmp_socket() if vm.mount_type() == "virtiofs" else "")
     idle = vm.config.vm.mount_idle_timeout
     if idle > 0:
-        return keeper.lease(vm.target(), root, idle)
-    return _command_mount(vm, conn, root)
+        return mount_keeper.lease(vm.target(), root, idle, how)
+    return _command_mount(vm, conn, root, how)
 
 
 @contextlib.contextmanager
-def _command_mount(vm: VM, conn, root: Path):
+def _command_mount(vm: VM, conn, root: Path, how):
     """The mount for this command alone, announced for ``vm.status`` while it lives."""
-    from .guest import keeper
+    from . import mount_keeper
 
-    with guest.Mount(conn, root, GUEST_APP_DIR) as mount, keeper.announced(vm.dir.path, root):
+    with how.open(conn, root, GUEST_APP_DIR, note=vm.echo) as mount, mount_keeper.announced(vm.dir.path, root):
         yield mount
 
 

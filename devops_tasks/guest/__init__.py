@@ -15,6 +15,8 @@ One concern a module; every public name is re-exported here, so callers write ``
 * :mod:`.mux`: :class:`MuxSession`, commands and channels over the VM's OpenSSH master (no
   Paramiko), and :func:`openssh_session`, used where start-up time counts (``test``, ``shell``).
 * :mod:`.mount`: :class:`Mount`, a host folder in the guest (reverse SSHFS).
+* :mod:`.virtiofs`: :class:`VirtiofsMount`, the project over virtiofs, hot-plugged per command.
+* :mod:`.mounts`: :func:`open_mount`, the one factory that picks virtiofs or sshfs.
 * :mod:`.forward`: :class:`Forward`, 127.0.0.1:PORT on the host to a port in the guest.
 
 A test that replaces a module-level name must patch the module that looks it up (e.g.
@@ -40,6 +42,8 @@ _MODULES = {
     ),
     "forward": ("Forward", "bind_local"),
     "mux": ("MuxSession", "openssh_session"),
+    "mounts": ("ProjectMount", "open_mount"),
+    "virtiofs": ("VirtiofsMount", "VirtiofsUnavailable", "find_virtiofsd", "seccomp_program"),
     "mount": (
         "GUEST_APP_DIR", "MOUNT_TIMEOUT", "SSHFS_OPTIONS", "Mount", "fsname_for", "mount_script", "unmount_script",
     ),

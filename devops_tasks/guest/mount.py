@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..errors import GuestError
 from .commands import capture
+from .mux import open_channel
 from .sftp_filter import RefusedRequest, pump_requests
 from .sftp_server import SftpServerCommand, sftp_server_command
 
@@ -39,6 +40,7 @@ MOUNT_TIMEOUT = 30.0
 SSHFS_OPTIONS = ("dcache_timeout=1", "allow_other")
 
 _MARK = "devops-tasks:"
+VIRTIOFS_HOLDERS = "/run/devops-tasks/virtiofs"  # see .virtiofs.HOLDERS_DIR
 
 
 def fsname_for(host_dir: Path) -> str:
@@ -92,13 +94,16 @@ say() {{ echo "{_MARK} $*" >&2; }}
 # the top mount at $D: its source and type (shell built-ins only: every exec costs under TCG)
 top() {{ s=; while read -r src dir typ rest; do [ "$dir" = "$D" ] && s="$src $typ"; done </proc/mounts; echo "$s"; }}
 has() {{ while read -r src dir rest; do [ "$dir" = "$D" ] && [ "$src" = "$F" ] && return 0; done </proc/mounts; return 1; }}
-# statfs always asks the file system's process (a stat may be answered from the kernel's cache)
-live() {{ stat -f "$D" >/dev/null 2>&1; }}
+at() {{ while read -r src dir rest; do [ "$dir" = "$D" ] && return 0; done </proc/mounts; return 1; }}
+# statfs always asks the file system's process (a stat may be answered from the kernel's cache);
+# a virtiofs share is live while its owner's holder runs (a statfs of a dead one would hang)
+live() {{ if [ "$2" = virtiofs ]; then pid=; read -r pid <"{VIRTIOFS_HOLDERS}/$1" 2>/dev/null && [ -n "$pid" ] \
+  && kill -0 "$pid" 2>/dev/null; else stat -f "$D" >/dev/null 2>&1; fi; }}
 tries=0
 while :; do
   set -- $(top)
   [ -n "$1" ] || break
-  if live; then
+  if live "$1" "$2"; then
     case "$1" in "$P"*) ;; *) say "busy $1 $2"; exit 3;; esac
     case "$1" in "$P"guarded:*) kind=guarded;; "$P"confined:*) kind=confined;; *) kind=unconfined;; esac
     [ "$NEED" != any ] && [ "$kind" = unconfined ] && {{ say "unconfined $1"; exit 9; }}
@@ -106,7 +111,7 @@ while :; do
     o="$U/${{1##*:}}"; was=$1
     # Registered, then checked again: an owner that is unmounting marks itself closing first.
     if [ ! -e "$o/closing" ] && mkdir -p "$o" && echo $$ >"$o/$T" && [ ! -e "$o/closing" ] \\
-        && set -- $(top) && [ "$1" = "$was" ] && live; then
+        && set -- $(top) && [ "$1" = "$was" ] && live "$1" "$2"; then
       say "reuse $kind"
       cat >/dev/null
       rm -f "$o/$T"
@@ -117,6 +122,9 @@ while :; do
     sleep 0.02
     continue
   fi
+  # dead virtiofs (its command was killed): it cannot be unmounted (the kernel would wait for its
+  # server forever), so the new mount goes on top of it
+  [ "$2" = virtiofs ] && {{ say "stale $1"; break; }}
   # dead: its sshfs is gone (or going: it unmounts itself then, and this umount may find nothing)
   if umount -l "$D" 2>/dev/null || fusermount3 -uz "$D" 2>/dev/null || fusermount -uz "$D" 2>/dev/null; then
     rm -rf "$U/${{1##*:}}"
@@ -130,7 +138,8 @@ s=$(command -v sshfs 2>/dev/null)
 [ -n "$s" ] && [ -f "$s" ] && [ -x "$s" ] || {{ say "error: sshfs is not installed in the guest image (it needs sshfs and fuse)"; exit 4; }}
 [ -c /dev/fuse ] || modprobe fuse 2>/dev/null
 [ -c /dev/fuse ] || {{ say "error: FUSE is not available in the guest (no /dev/fuse; is the fuse kernel module in the image?)"; exit 5; }}
-[ -d "$D" ] || mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
+# never stat a mount point here: a dead virtiofs share under it would hang the stat
+at || [ -d "$D" ] || mkdir -p "$D" || {{ say "error: cannot create $D in the guest"; exit 6; }}
 o={shlex.quote(opts)}
 # whether this sshfs knows no_contain_symlinks, probed once per boot (/run is the boot's tmpfs)
 k=/run/devops-tasks/sshfs-no-contain
@@ -272,7 +281,7 @@ class Mount:
     def _start(self, server: SftpServerCommand) -> None:
         script = mount_script(self.guest_dir, self.fsname, self.token, self.options, confined=server.confined,
                               guarded=self._guarded)
-        self._chan = _open_channel(self.conn, script, self.timeout)
+        self._chan = open_channel(self.conn, script, self.timeout)
         self._spawn(self._read_messages, self._chan)
         deadline = time.monotonic() + self.timeout
         outcome = self._next_outcome(deadline)
@@ -457,20 +466,6 @@ class Mount:
         for thread in self._threads:
             thread.join(timeout=2)
         self._threads = []
-
-
-def _open_channel(conn, command: str, timeout: float):
-    """A channel running ``command``: an ``ssh`` process on a :class:`~.mux.MuxSession`, else a
-    Paramiko session channel on the Fabric connection."""
-    if hasattr(conn, "open_channel"):
-        return conn.open_channel(command)
-    transport = conn.client.get_transport() if conn.is_connected else None
-    if transport is None:
-        conn.open()
-        transport = conn.client.get_transport()
-    chan = transport.open_session(timeout=timeout)
-    chan.exec_command(command)
-    return chan
 
 
 def _host_dir(path: os.PathLike | str) -> Path:

@@ -182,6 +182,20 @@ class MuxSession:
         return _status(proc.returncode)
 
 
+def open_channel(conn, command: str, timeout: float):
+    """A channel running ``command``: an ``ssh`` process on a :class:`~.mux.MuxSession`, else a
+    Paramiko session channel on the Fabric connection."""
+    if hasattr(conn, "open_channel"):
+        return conn.open_channel(command)
+    transport = conn.client.get_transport() if conn.is_connected else None
+    if transport is None:
+        conn.open()
+        transport = conn.client.get_transport()
+    chan = transport.open_session(timeout=timeout)
+    chan.exec_command(command)
+    return chan
+
+
 def _status(code: int) -> int:
     return 255 if code < 0 else code
 

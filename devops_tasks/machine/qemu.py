@@ -75,6 +75,8 @@ class MachineSpec:
     socat: str = "socat"  # restricted: the absolute path of socat
     # guest contract: more files for the guest, (name under opt/devops-tasks/, host file)
     guest_files: tuple[tuple[str, Path], ...] = field(default=())
+    # the guest's RAM in a shared memfd: a vhost-user device (virtiofsd) can be hot-plugged then
+    shared_memory: bool = False
 
 
 def accel_args(accel: str, arch: str) -> list[str]:
@@ -95,6 +97,8 @@ def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
             argv += ["-bios", str(spec.firmware)]
     argv += accel_args(spec.accel, spec.arch)
     argv += ["-m", str(int(spec.memory)), "-smp", str(int(spec.cpus))]
+    if spec.shared_memory:
+        argv += memory_backend_args(spec.memory)
     argv += [
         "-daemonize",
         "-pidfile", str(spec.pidfile),
@@ -121,6 +125,12 @@ def build_argv(spec: MachineSpec, binary: str | None = None) -> list[str]:
             raise VMError(f"invalid fw_cfg file name {name!r}")
         argv += ["-fw_cfg", f"name={FW_CFG_VENDOR}/{name},file={opt_value(path)}"]
     return argv
+
+
+def memory_backend_args(memory: int) -> list[str]:
+    """The guest's RAM as a shared memfd (``share=on``): vhost-user devices such as virtiofsd map it,
+    and it must exist from boot (a running VM's RAM cannot be moved into one)."""
+    return ["-object", f"memory-backend-memfd,id=mem,size={int(memory)}M,share=on", "-machine", "memory-backend=mem"]
 
 
 def netdev_option(spec: MachineSpec) -> str:

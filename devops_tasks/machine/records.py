@@ -54,6 +54,9 @@ class VMRecord:
     serial_log: str = ""
     guest_contract: int = 0
     network: str = "open"  # open | restricted (a record from before network modes: open)
+    # how /app reaches the project: virtiofs (booted with shared memory) | sshfs (a record from
+    # before mount types: sshfs)
+    mount_type: str = "sshfs"
     proxy_socket: str = ""  # restricted: where QEMU's guestfwd connects (the host proxy listens there)
 
     def to_json(self) -> str:

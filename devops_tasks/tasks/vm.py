@@ -35,8 +35,10 @@ def _int(flag: str, value) -> int | None:
     "port": "host SSH port on 127.0.0.1 (must be free; default: core.vm.ssh_port 2222 or the next free one)",
     "network": "open (the guest reaches what the host reaches) or restricted (nothing but the host proxy "
                "of inv claude); default: core.vm.network, open",
+    "mount_type": "how /app reaches the project: virtiofs (shared memory, hot-plugged per command) or sshfs; "
+                  "default: core.vm.mount_type, virtiofs",
 })
-def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None, network=None):
+def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None, network=None, mount_type=None):
     """Boot the dev VM and wait until it accepts SSH."""
     d = devops(c, name)
     opts = BootOptions(
@@ -46,6 +48,7 @@ def boot(c, memory=None, cpus=None, name=None, fresh=False, port=None, network=N
         fresh=bool(fresh),
         ssh_port=_int("port", port),
         network=(network or "").strip().lower(),
+        mount_type=(mount_type or "").strip().lower(),
     )
     d.boot(opts)
 
@@ -95,6 +98,7 @@ def status_lines(st: DevStatus) -> list[str]:
             f"CPUs: {st.cpus}",
             f"SSH port: {st.ssh_port}",
             f"Network: {st.network or 'open'}",
+            f"Mount type: {st.mount_type or 'sshfs'}",
             f"Uptime: {format_uptime(st.uptime.total_seconds())}",
             *[mount_line(m) for m in st.mounts],
         ]
@@ -124,7 +128,7 @@ def human_bytes(size: int) -> str:
     return fmt(size)
 
 
-LIST_COLUMNS = ("NAME", "STATUS", "NETWORK", "SSH", "MEMORY", "CPUS", "DISK", "IMAGE", "UPTIME")
+LIST_COLUMNS = ("NAME", "STATUS", "NETWORK", "MOUNT", "SSH", "MEMORY", "CPUS", "DISK", "IMAGE", "UPTIME")
 
 
 def list_rows(vms) -> list[list[str]]:
@@ -133,7 +137,7 @@ def list_rows(vms) -> list[list[str]]:
     for vm in vms:
         disk = human_bytes(vm.disk_used) + (f" of {human_bytes(vm.disk_size)}" if vm.disk_size else "")
         rows.append([
-            vm.name, vm.status, vm.network, str(vm.ssh_port) if vm.ssh_port else "-",
+            vm.name, vm.status, vm.network, vm.mount_type or "-", str(vm.ssh_port) if vm.ssh_port else "-",
             f"{vm.memory}MB" if vm.memory else "-", str(vm.cpus) if vm.cpus else "-", disk,
             vm.image_version or "-", format_uptime(vm.uptime) if vm.status == "running" else "-",
         ])

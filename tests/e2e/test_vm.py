@@ -155,10 +155,11 @@ def test_boot_status_ssh_stop(core, guest_image):
     text = inv("vm.status").stdout.splitlines()
     assert text[:4] == ["Dev Environment Status", "Installed: Yes", "Version: v0.0.1-test", "Status: Running"]
     assert text[4:8] == [f"Container: {record.id}", "Memory: 512MB", "CPUs: 1", f"SSH port: {core.port}"]
-    assert text[8] == "Network: open"
-    assert text[9].startswith("Uptime: ") and text[9].endswith("s")
+    assert text[8:10] == ["Network: open", "Mount type: virtiofs"]  # the default vm.mount_type
+    assert text[10].startswith("Uptime: ") and text[10].endswith("s")
     data = json.loads(inv("vm.status", "--json").stdout)
     assert data["running"] is True and data["container_id"] == record.id and data["ssh_port"] == core.port
+    assert data["mount_type"] == "virtiofs" and record.mount_type == "virtiofs"
 
     result = ssh(core.port, "printf", "%s|", "a b", "c")
     assert (result.returncode, result.stdout) == (0, "a b|c|"), result.stderr

@@ -87,7 +87,8 @@ def vm(request, tmp_path_factory):
     home.mkdir()
     images.mkdir()
     port = free_port()
-    (home / "config.yaml").write_text(f"vm:\n  ssh_port: {port}\n  memory: 1024\n  cpus: 2\n  boot_timeout: 180\n")
+    (home / "config.yaml").write_text(f"vm:\n  ssh_port: {port}\n  memory: 1024\n  cpus: 2\n  boot_timeout: 180\n"
+                                     "  mount_type: sshfs\n")  # this module tests the sshfs mount
     (images / "core-devops-linux-amd64.qcow2").symlink_to(image)
     manifest = Manifest(images / "manifest.json")
     manifest.set("core-devops-linux-amd64.qcow2", ImageInfo(version="v0.0.1-ws", source="build", guest_contract=1))

@@ -1,4 +1,4 @@
-"""guest.keeper (``vm.mount_idle_timeout``: a project mount kept between commands) against the local
+"""mount_keeper (``vm.mount_idle_timeout``: a project mount kept between commands) against the local
 stand-in of test_mux (a fake ``ssh`` running the guest's side here): the keeper process is real, and
 so are its socket, sshfs and the sandboxed sftp-server. The real VM: tests/e2e/test_workspace_e2e.py.
 """
@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from devops_tasks import guest
 from devops_tasks.errors import GuestError
-from devops_tasks.guest import keeper
+from devops_tasks import mount_keeper as keeper
 from test_guest_mount import mounted_at, needs_fuse, point, project  # noqa: F401  (fixtures)
 from test_mux import session, wait_for  # noqa: F401  (fixture)
 
@@ -121,7 +120,7 @@ def test_a_killed_command_s_mount_is_not_announced(tmp_path):
 
     vm_dir = tmp_path / "vm"
     vm_dir.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", "import sys, pathlib, time; from devops_tasks.guest import keeper\n"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, pathlib, time; from devops_tasks import mount_keeper as keeper\n"
                               "with keeper.announced(pathlib.Path(sys.argv[1]), pathlib.Path('/p')):\n"
                               "    print('in', flush=True); time.sleep(600)", str(vm_dir)],
                              stdout=subprocess.PIPE, text=True)

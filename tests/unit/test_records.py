@@ -284,11 +284,12 @@ def test_format_uptime(seconds, text):
 
 def test_status_lines():
     running = DevStatus(installed=True, running=True, image_version="v1.2.0", container_id="0a1b2c3d",
-                        memory=4096, cpus=2, ssh_port=2222, uptime=timedelta(seconds=125), network="restricted")
+                        memory=4096, cpus=2, ssh_port=2222, uptime=timedelta(seconds=125), network="restricted",
+                        mount_type="virtiofs")
     assert vm_tasks.status_lines(running) == [
         "Dev Environment Status", "Installed: Yes", "Version: v1.2.0", "Status: Running",
         "Container: 0a1b2c3d", "Memory: 4096MB", "CPUs: 2", "SSH port: 2222", "Network: restricted",
-        "Uptime: 2m",
+        "Mount type: virtiofs", "Uptime: 2m",
     ]
     assert running.to_dict()["network"] == "restricted"
     assert vm_tasks.status_lines(DevStatus()) == ["Dev Environment Status", "Installed: No", "Status: Stopped"]

@@ -207,10 +207,10 @@ def test_list_every_folder_running_stopped_and_never_booted(isolated_core_home, 
     assert found["fresh"] == vms.VMSummary("fresh", "stopped", "open", None, 0, 0, 0, 0, "", 0)
     rows = vm_tasks.table(vm_tasks.list_rows([found["down"], found["up"]]))
     assert rows[0].split() == list(vm_tasks.LIST_COLUMNS)
-    assert rows[1].split()[:6] == ["down", "stopped", "open", "-", "512MB", "1"]
-    assert rows[2].split()[:6] == ["up", "running", "open", "40100", "768MB", "3"]
+    assert rows[1].split()[:7] == ["down", "stopped", "open", "sshfs", "-", "512MB", "1"]
+    assert rows[2].split()[:7] == ["up", "running", "open", "sshfs", "40100", "768MB", "3"]
     assert set(found["up"].to_dict()) == {"name", "status", "network", "ssh_port", "memory", "cpus",
-                                          "disk_used", "disk_size", "image_version", "uptime"}
+                                          "disk_used", "disk_size", "image_version", "uptime", "mount_type"}
 
 
 def test_list_survives_an_unreadable_record(isolated_core_home):
@@ -292,7 +292,7 @@ def test_remember_boot_and_ssh_config(isolated_core_home, running, tmp_path):
     lifecycle.remember_boot(folder, record, "minimal-1")
     assert json.loads(folder.last_boot.read_text()) == {
         "memory": 768, "cpus": 3, "ssh_port": 40500, "network": "open", "image_version": "minimal-1",
-        "booted_at": "2026-01-01T00:00:00Z"}
+        "mount_type": "sshfs", "booted_at": "2026-01-01T00:00:00Z"}
     assert folder.ssh_known_hosts.read_text() == "[127.0.0.1]:40500 ssh-ed25519 AAAAbox\n"
     config = vms.ssh_config(quiet_vm("box"))
     assert config.running and config.path == folder.ssh_config

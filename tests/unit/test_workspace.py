@@ -97,6 +97,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(guest, "session", session)
     monkeypatch.setattr(guest, "openssh_session", session)  # test and shell: over the OpenSSH master
     monkeypatch.setattr(guest, "Mount", Mount)
+    monkeypatch.setattr(guest, "open_mount", lambda conn, root, guest_dir="/app", **kw: Mount(conn, root, guest_dir))
     monkeypatch.setattr(guest, "Forward", Forward)
     monkeypatch.setattr(guest, "run", run)
     monkeypatch.setattr(guest, "run_foreground", run_foreground)

@@ -67,6 +67,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(guest, "session", session)
     monkeypatch.setattr(guest, "openssh_session", session)  # test and shell: over the OpenSSH master
     monkeypatch.setattr(guest, "Mount", Nothing)
+    monkeypatch.setattr(guest, "open_mount", Nothing)
     monkeypatch.setattr(guest, "Forward", Nothing)
     monkeypatch.setattr(guest, "capture", capture)
     monkeypatch.setattr(guest, "run", run)

@@ -1,11 +1,12 @@
-"""A project mount kept between commands: ``vm.mount_idle_timeout`` seconds after the last one.
+"""Project mounts kept between commands (``vm.mount_idle_timeout`` seconds after the last one),
+and the VM's live mounts for ``vm.status``.
 
 By default the project is shared for exactly as long as the command that asked for it runs (the
 threat model's promise): each ``inv test`` mounts and unmounts, about 0.5 s under TCG. With
 ``vm.mount_idle_timeout: N`` (N > 0) the user trades that for speed: a *keeper*, a small host
-process per VM and project (``python -m devops_tasks.guest.keeper``, in its own session so Ctrl-C
-does not reach it), owns the mount (:class:`.mount.Mount` over a :class:`.mux.MuxSession`, the
-same sandboxed sftp-server) and keeps it while commands hold a *lease* on it and for N seconds
+process per VM and project (``python -m devops_tasks.mount_keeper``, in its own session so Ctrl-C
+does not reach it), owns the mount (:class:`MountPlan`: virtiofs or sshfs as the VM was booted,
+over a :class:`guest.MuxSession`, with the same sandboxing) and keeps it while commands hold a *lease* on it and for N seconds
 after the last one ended. Then it unmounts and exits; so does it when the VM stops or the mount
 dies. ``vm.status`` lists the live ones (:func:`live_mounts`); ``vm.stop`` ends them.
 
@@ -13,7 +14,9 @@ A lease is a connection to the keeper's Unix socket (in a private 0700 folder, l
 master's), held open for the command's life: ``lease`` → ``ok``. Other requests: ``info`` (a JSON
 line), ``quit-if-idle`` (``bye`` or ``busy``: a command for another project retires an idle keeper
 that holds ``/app``), ``stop``. Each keeper leaves a JSON line in ``<vm folder>/mounts/`` naming its
-socket and project, so the VM's live mounts can be found.
+socket and project, so the VM's live mounts can be found; a command's own mount says so there too
+(:func:`announced`). This module joins the guest side (SSH) and the machine's (QMP, for virtiofs
+hot-plug), as :mod:`.workspace` does: ``guest/`` knows no QEMU.
 """
 
 from __future__ import annotations
@@ -27,13 +30,44 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..errors import GuestError
-from .connection import Target
+from dataclasses import dataclass
+
+from . import guest
+from .errors import GuestError
+from .guest.connection import Target
 
 MOUNTS_DIR = "mounts"  # in the VM's folder: kept-<key>.json per live keeper, cmd-*.json per command
 COMMAND_PREFIX = "cmd-"
 KEPT_PREFIX = "kept-"
 READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    """How a VM mounts projects: its recorded mount type and (virtiofs) its QMP socket, enough to
+    open a mount here or in a keeper process."""
+
+    mount_type: str = "sshfs"
+    qmp_socket: str = ""
+
+    def open(self, conn, host_dir, guest_dir: str, confine: Optional[str] = None, note=None):
+        """:func:`guest.open_mount` for this VM (a context manager, also ``start``/``stop``)."""
+        qmp = _qmp_on(self.qmp_socket) if self.mount_type == "virtiofs" and self.qmp_socket else None
+
+        # virtiofsd's socket goes beside QMP's (a folder whose path fits a unix socket's)
+        runtime_dir = Path(self.qmp_socket).parent if self.qmp_socket else None
+        return guest.open_mount(conn, host_dir, guest_dir, mount_type=self.mount_type, qmp=qmp,
+                                runtime_dir=runtime_dir, confine=confine, note=note)
+
+
+def _qmp_on(socket_path: str):
+    """``qmp(command, arguments, timeout)`` on one VM's QMP socket (what virtiofs hot-plugs with)."""
+    from .machine import process
+
+    def qmp(command: str, arguments: Optional[dict] = None, timeout: float = 2.0):
+        return process.qmp(socket_path, command, arguments, timeout)
+
+    return qmp
 
 
 def keeper_key(host_dir: Path, confine: str) -> str:
@@ -47,7 +81,7 @@ def socket_path(target: Target, key: str) -> Path:
     """The keeper's socket: next to the VM's OpenSSH master socket (short, private, per VM)."""
     import hashlib
 
-    from .openssh import runtime_folder
+    from .guest.openssh import runtime_folder
 
     folder = runtime_folder()
     if folder is None:
@@ -168,18 +202,19 @@ def stop_all(vm_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def lease(target: Target, host_dir: Path, idle_timeout: float, guest_dir: str = "/app") -> Iterator[None]:
+def lease(target: Target, host_dir: Path, idle_timeout: float, how: MountPlan = MountPlan(),
+          guest_dir: str = "/app") -> Iterator[None]:
     """The project mounted at ``guest_dir`` for the ``with`` block, by this VM's keeper for it
     (started when there is none); the mount stays ``idle_timeout`` seconds after the last lease
     ends. The keeper's errors (e.g. /app busy with another project's live mount) are raised here."""
     import fcntl
 
-    from .sftp_server import confine_mode
+    from .guest.sftp_server import confine_mode
 
     if target.vm_dir is None:
         raise GuestError("a kept mount needs the VM's folder")
     confine = confine_mode()
-    key = keeper_key(host_dir, confine)
+    key = keeper_key(host_dir, f"{confine}:{how.mount_type}")
     path = socket_path(target, key)
     records = _records(target.vm_dir)
     records.mkdir(mode=0o700, exist_ok=True)
@@ -191,7 +226,7 @@ def lease(target: Target, host_dir: Path, idle_timeout: float, guest_dir: str = 
             if sock is not None:
                 break
             _retire_idle_keepers(target.vm_dir, path)
-            _spawn(target, host_dir, guest_dir, confine, idle_timeout, path, records / f"{KEPT_PREFIX}{key}.json")
+            _spawn(target, host_dir, guest_dir, confine, how, idle_timeout, path, records / f"{KEPT_PREFIX}{key}.json")
         if sock is None:
             raise GuestError(f"the mount keeper for {host_dir} did not answer at {path}")
     try:
@@ -225,20 +260,21 @@ def _retire_idle_keepers(vm_dir: Path, keep: Path) -> None:
                 _ask(path, "quit-if-idle", timeout=30.0)
 
 
-def _spawn(target: Target, host_dir: Path, guest_dir: str, confine: str, idle_timeout: float, path: Path,
-           record: Path) -> None:
+def _spawn(target: Target, host_dir: Path, guest_dir: str, confine: str, how: MountPlan, idle_timeout: float,
+           path: Path, record: Path) -> None:
     import select
     import subprocess
 
     spec = {
         "port": target.port, "identity": str(target.identity), "known_hosts": str(target.known_hosts),
         "host": target.host, "user": target.user, "vm_dir": str(target.vm_dir),
-        "project": str(host_dir), "guest_dir": guest_dir, "confine": confine, "idle_timeout": idle_timeout,
+        "project": str(host_dir), "guest_dir": guest_dir, "confine": confine,
+        "mount_type": how.mount_type, "qmp_socket": how.qmp_socket, "idle_timeout": idle_timeout,
         "socket": str(path), "record": str(record),
     }
     log = open(record.with_suffix(".log"), "ab")
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "devops_tasks.guest.keeper"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "devops_tasks.mount_keeper"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=log, cwd="/", start_new_session=True)
     finally:
         log.close()
@@ -271,9 +307,6 @@ class Keeper:
     """Owns one mount, answers on its socket, and ends it when idle, stopped, or dead."""
 
     def __init__(self, spec: dict):
-        from .mount import Mount
-        from .mux import MuxSession
-
         self.spec = spec
         self.project = spec["project"]
         self.idle_timeout = float(spec["idle_timeout"])
@@ -282,7 +315,9 @@ class Keeper:
         target = Target(port=int(spec["port"]), identity=Path(spec["identity"]),
                         known_hosts=Path(spec["known_hosts"]), host=spec["host"], user=spec["user"],
                         vm_dir=Path(spec["vm_dir"]))
-        self.mount = Mount(MuxSession(target), self.project, spec["guest_dir"], confine=spec["confine"])
+        how = MountPlan(mount_type=spec.get("mount_type") or "sshfs", qmp_socket=spec.get("qmp_socket") or "")
+        self.mount = how.open(guest.MuxSession(target), self.project, spec["guest_dir"], confine=spec["confine"],
+                              note=lambda line: print(line, file=sys.stderr, flush=True))
         self.leases: set[socket.socket] = set()
         self.leaving: list[socket.socket] = []  # asked us to end: told "bye" once the mount is gone
         self.idle_since = time.monotonic()
@@ -351,8 +386,8 @@ class Keeper:
                         self.idle_since = time.monotonic()
             if not self.leases and time.monotonic() - self.idle_since >= self.idle_timeout:
                 return
-            chan = self.mount._chan
-            if chan is not None and chan.exit_status_ready():  # sshfs or the VM is gone
+            chan = getattr(self.mount.inner, "_chan", None)
+            if chan is not None and chan.exit_status_ready():  # the mount's guest side or the VM is gone
                 return
 
     def _answer(self, conn: socket.socket, _addr) -> str:
