@@ -118,7 +118,7 @@ def project(tmp_path):
 
 def assert_share_gone(vm: Machine) -> None:
     assert virtiofsd_processes() == []
-    assert wait_for(lambda: vm.devices() == [], 15, "the share's device and chardev to go"), vm.devices()
+    assert wait_for(lambda: vm.devices() == [], 60, "the share's device and chardev to go"), vm.devices()
 
 
 def test_status_and_list_show_the_mount_type(vm):
