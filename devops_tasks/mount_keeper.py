@@ -352,14 +352,16 @@ class Keeper:
             sys.stdout.close()
             self._serve(listener)
         finally:
-            listener.close()
+            listener.close()  # no new leases; the record goes once the share is gone
             with contextlib.suppress(OSError):
                 self.socket.unlink()
-            with contextlib.suppress(OSError):
-                self.record.unlink()
             for sock in self.leases:
                 sock.close()
-            self.mount.stop()
+            try:
+                self.mount.stop()
+            finally:
+                with contextlib.suppress(OSError):
+                    self.record.unlink()
             for sock in self.leaving:
                 with contextlib.suppress(OSError):
                     sock.sendall(b"bye\n")

@@ -278,3 +278,30 @@ def test_a_guest_without_virtiofs_falls_back_to_sshfs_with_a_note(vm, project):
     notes = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Note:")]
     assert notes == ["Note: mounting the project over sshfs, not virtiofs: the guest image has no virtiofs kernel module"]
     assert_share_gone(vm)
+
+
+def test_a_kept_virtiofs_share_serves_later_commands_then_goes_when_idle(vm, project):
+    """``vm.mount_idle_timeout`` on a virtiofs VM: the keeper holds the hot-plugged share (one
+    virtiofsd), the next command uses it at once, and idle it is unplugged like any other."""
+    config = vm.home / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved + "  mount_idle_timeout: 6\n")
+
+    def mounts() -> list[dict]:
+        return json.loads(vm.run(INV, "vm.status", "--json").stdout)["mounts"]
+
+    try:
+        first = vm.run(INV, "test", cwd=project)
+        assert first.returncode == 0 and "4 passed" in first.stdout, first.stdout + first.stderr
+        [kept] = mounts()
+        assert kept["kept"] and kept["project"] == str(project.resolve())
+        assert len([p for p in virtiofsd_processes() if "bwrap" in p]) == 1  # the keeper's, after the command
+        second = vm.run(INV, "test", "--", "cat", "hello.py", cwd=project)
+        assert second.returncode == 0 and "def " in second.stdout, second.stderr
+        assert [m["pid"] for m in mounts()] == [kept["pid"]]
+        wait_for(lambda: mounts() == [], 60, "the kept share to end when idle")
+        # the keeper unplugs after it stopped answering: give it a deadline to finish
+        wait_for(lambda: virtiofsd_processes() == [], 60, "the keeper to finish")
+        assert_share_gone(vm)
+    finally:
+        config.write_text(saved)
