@@ -77,14 +77,15 @@ def image_path(args) -> Path:
     return build_image("minimal", output=out).path
 
 
-def boot(image: Path, work: Path) -> dict:
+def boot(image: Path, work: Path, mount_type: str = "virtiofs") -> dict:
     from devops_tasks.manifest import ImageInfo, Manifest
 
     home, images = work / "core", work / "images"
     home.mkdir()
     images.mkdir()
     port = free_port()
-    (home / "config.yaml").write_text(f"vm:\n  ssh_port: {port}\n  memory: 1024\n  cpus: 2\n  boot_timeout: 180\n")
+    (home / "config.yaml").write_text(f"vm:\n  ssh_port: {port}\n  memory: 1024\n  cpus: 2\n  boot_timeout: 180\n"
+                                      f"  mount_type: {mount_type}\n")
     (images / "core-devops-linux-amd64.qcow2").symlink_to(image)
     manifest = Manifest(images / "manifest.json")
     manifest.set("core-devops-linux-amd64.qcow2", ImageInfo(version="bench", source="build", guest_contract=1))
@@ -321,6 +322,8 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=32, help="size of the read and write files")
     parser.add_argument("--files", type=int, default=5000, help="files in the find+stat walk")
     parser.add_argument("--only", choices=["shell", "mount", "test"], action="append")
+    parser.add_argument("--mount-type", choices=["virtiofs", "sshfs"], default="virtiofs",
+                        help="the VM's /app backend (vm.mount_type) for the test section")
     parser.add_argument("--pypi", metavar="REQUIREMENT",
                         help="also run this sdist's test suite (e.g. more-itertools==11.2.1: minutes under TCG)")
     args = parser.parse_args()
@@ -328,7 +331,7 @@ def main() -> int:
 
     image = image_path(args)
     work = Path(tempfile.mkdtemp(prefix="bench-ws-"))
-    env = boot(image, work)
+    env = boot(image, work, args.mount_type)
     from devops_tasks import guest
     from devops_tasks.devops import DevOps
 
