@@ -268,18 +268,6 @@ def test_a_second_command_reuses_the_share_of_its_project_and_another_project_is
     assert_share_gone(vm)
 
 
-def test_a_guest_without_virtiofs_falls_back_to_sshfs_with_a_note(vm, project):
-    """Last in this module: it takes the module out of the guest."""
-    gone = vm.guest("rmmod virtiofs && ! grep -qw virtiofs /proc/filesystems && ! modprobe virtiofs 2>/dev/null")
-    if gone.returncode != 0:
-        pytest.skip(f"cannot take virtiofs out of this guest: {gone.stderr.strip()}")
-    result = vm.run(INV, "test", cwd=project)
-    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout + result.stderr
-    notes = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Note:")]
-    assert notes == ["Note: mounting the project over sshfs, not virtiofs: the guest image has no virtiofs kernel module"]
-    assert_share_gone(vm)
-
-
 def test_a_kept_virtiofs_share_serves_later_commands_then_goes_when_idle(vm, project):
     """``vm.mount_idle_timeout`` on a virtiofs VM: the keeper holds the hot-plugged share (one
     virtiofsd), the next command uses it at once, and idle it is unplugged like any other."""
@@ -305,3 +293,15 @@ def test_a_kept_virtiofs_share_serves_later_commands_then_goes_when_idle(vm, pro
         assert_share_gone(vm)
     finally:
         config.write_text(saved)
+
+
+def test_a_guest_without_virtiofs_falls_back_to_sshfs_with_a_note(vm, project):
+    """Last in this module: it takes the module out of the guest."""
+    gone = vm.guest("rmmod virtiofs && ! grep -qw virtiofs /proc/filesystems && ! modprobe virtiofs 2>/dev/null")
+    if gone.returncode != 0:
+        pytest.skip(f"cannot take virtiofs out of this guest: {gone.stderr.strip()}")
+    result = vm.run(INV, "test", cwd=project)
+    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout + result.stderr
+    notes = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Note:")]
+    assert notes == ["Note: mounting the project over sshfs, not virtiofs: the guest image has no virtiofs kernel module"]
+    assert_share_gone(vm)

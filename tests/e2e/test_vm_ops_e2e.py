@@ -108,9 +108,11 @@ def test_list_two_vms_then_delete_one_and_boot_it_fresh(core, guest_image):
     assert guest_sh(port_a, "echo old > /root/marker && sync") == ""
 
     rows = inv("vm.list").stdout.splitlines()
-    assert rows[0].split() == ["NAME", "STATUS", "NETWORK", "SSH", "MEMORY", "CPUS", "DISK", "IMAGE", "UPTIME"]
-    assert [row.split()[:6] for row in rows[1:]] == [
-        ["a", "running", "open", str(port_a), "512MB", "1"], ["b", "running", "open", str(port_b), "640MB", "1"]]
+    assert rows[0].split() == ["NAME", "STATUS", "NETWORK", "MOUNT", "SSH", "MEMORY", "CPUS", "DISK", "IMAGE", "UPTIME"]
+    mount = VMDir("a").load().mount_type or "sshfs"  # the default vm.mount_type (virtiofs on Linux)
+    assert [row.split()[:7] for row in rows[1:]] == [
+        ["a", "running", "open", mount, str(port_a), "512MB", "1"],
+        ["b", "running", "open", mount, str(port_b), "640MB", "1"]]
     assert all("of 8.0 GiB" in row and "v0.0.1-test" in row for row in rows[1:])
     listed = {vm["name"]: vm for vm in json.loads(inv("vm.list", "--json").stdout)}
     assert set(listed) == {"a", "b"}
