@@ -495,8 +495,9 @@ class ProxyServer:
         body = f"devops-tasks proxy: {refused.method or 'request'} {where} refused: {decision.rule}.\n"
         if decision.hint:
             body += f"To allow it: inv claude {FLAG} {decision.hint}\n"
-        _reply(conn, refused.status, _REASONS.get(refused.status, "Error"), body)
+        # recorded before the client hears it: whoever got the 403 finds it counted and logged
         self._record(refused.method, refused.host, refused.port, refused.outcome, decision.rule, 0)
+        _reply(conn, refused.status, _REASONS.get(refused.status, "Error"), body)
 
     def _record(self, method: str, host: str, port: int, decision: str, rule: str, nbytes: int) -> None:
         """Count first, then log: whoever sees the log line also sees the count."""
