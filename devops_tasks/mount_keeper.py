@@ -2,12 +2,12 @@
 and the VM's live mounts for ``vm.status``.
 
 By default the project is shared for exactly as long as the command that asked for it runs (the
-threat model's promise): each ``inv test`` mounts and unmounts, about 0.5 s under TCG. With
+threat model's promise): each ``inv test`` mounts and unmounts, 0.6-1 s under TCG. With
 ``vm.mount_idle_timeout: N`` (N > 0) the user trades that for speed: a *keeper*, a small host
 process per VM and project (``python -m devops_tasks.mount_keeper``, in its own session so Ctrl-C
 does not reach it), owns the mount (:class:`MountPlan`: virtiofs or sshfs as the VM was booted,
-over a :class:`guest.MuxSession`, with the same sandboxing) and keeps it while commands hold a *lease* on it and for N seconds
-after the last one ended. Then it unmounts and exits; so does it when the VM stops or the mount
+over a :class:`guest.MuxSession`, with the same sandboxing) and keeps it while commands hold a
+*lease* on it and for N seconds after the last one ended. Then it unmounts and exits; so does it when the VM stops or the mount
 dies. ``vm.status`` lists the live ones (:func:`live_mounts`); ``vm.stop`` ends them.
 
 A lease is a connection to the keeper's Unix socket (in a private 0700 folder, like the OpenSSH
@@ -27,10 +27,9 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
-
-from dataclasses import dataclass
 
 from . import guest
 from .errors import GuestError
