@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..errors import GuestError
 from .commands import capture
-from .mux import open_channel
+from .mux import open_channel, stderr_lines
 from .sftp_filter import RefusedRequest, pump_requests
 from .sftp_server import SftpServerCommand, sftp_server_command
 
@@ -413,20 +413,7 @@ class Mount:
                 proc.stdin.close()
 
     def _read_messages(self, chan) -> None:
-        buffer = b""
-        try:
-            while True:
-                data = chan.recv_stderr(4096)
-                if not data:
-                    break
-                buffer += data
-                while b"\n" in buffer:
-                    raw, buffer = buffer.split(b"\n", 1)
-                    self._message(raw.decode("utf-8", "replace"))
-        except (OSError, EOFError):
-            pass
-        if buffer:
-            self._message(buffer.decode("utf-8", "replace"))
+        stderr_lines(chan, self._message)
         self._outcomes.put("")  # the script ended
 
     def _message(self, line: str) -> None:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
 from ..errors import GuestError
 from ..signals import signal_handlers
@@ -194,6 +194,25 @@ def open_channel(conn, command: str, timeout: float):
     chan = transport.open_session(timeout=timeout)
     chan.exec_command(command)
     return chan
+
+
+def stderr_lines(chan, on_line: Callable[[str], None]) -> None:
+    """Each line the channel's command writes on stderr to ``on_line`` (decoded, the last one
+    even without a newline), until it ends; how a mount hears its guest script."""
+    buffer = b""
+    try:
+        while True:
+            data = chan.recv_stderr(4096)
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                raw, buffer = buffer.split(b"\n", 1)
+                on_line(raw.decode("utf-8", "replace"))
+    except (OSError, EOFError):
+        pass
+    if buffer:
+        on_line(buffer.decode("utf-8", "replace"))
 
 
 def _status(code: int) -> int:
